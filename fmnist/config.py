@@ -1,0 +1,330 @@
+"""One typed, frozen config shared by every command.
+
+Precedence, lowest to highest, lives here and nowhere else:
+
+    typed defaults < configs/default.yaml < --config FILE < FMNIST_<SECTION>__<KEY> env < flags
+
+Every layer is validated against the dataclasses below: an unknown key or a value of the wrong
+type is a ``ConfigError`` that names the file, variable or flag it came from.
+
+Relative paths: a value from a file inside the project (``configs/...``) or a typed default is
+relative to the project root; a value from a file elsewhere is relative to that file's folder;
+a value from an environment variable or a flag is relative to the current directory, because
+that is where the user typed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fmnist.errors import ConfigError
+
+ENV_PREFIX = "FMNIST_"
+SECRET_WORDS = ("password", "secret", "token", "credential")
+
+
+def project_root() -> Path:
+    """The checkout that holds configs/, weights/ and Images/ (FMNIST_HOME overrides)."""
+    if home := os.environ.get("FMNIST_HOME"):
+        return Path(home).resolve()
+    source_tree = Path(__file__).resolve().parent.parent
+    if (source_tree / "configs" / "default.yaml").is_file():
+        return source_tree
+    return Path.cwd().resolve()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: Path | None = None
+    download: bool = True
+    mirror_url: str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    download_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "fmnist"
+    weights_dir: Path = Path("weights")
+    filters: tuple[int, ...] = (32, 64, 128)
+    convs_per_stage: int = 1
+    dense_units: int = 256
+    dropout: float = 0.3
+    top_k: int = 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    learning_rate: float = 0.002
+    weight_decay: float = 0.0001
+    label_smoothing: float = 0.05
+    validation_split: float = 0.1
+    augment: bool = True
+    seed: int = 42
+    threads: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class ImagingConfig:
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+    max_payload_bytes: int = 512 * 1024
+    max_pixels: int = 4096 * 4096
+    invert: str = "auto"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    request_topic: str = "req_predict"
+    response_topic: str = "res_predict"
+    dlq_topic: str = "req_predict.dlq"
+    create_topics: bool = True
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "fmnist"
+    group_id: str = "fmnist-workers"
+    partitions: int = 4
+    replication_factor: int = 1
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    compression: str = ""
+    linger_ms: int = 1
+    fetch_max_wait_ms: int = 5
+
+
+@dataclass(frozen=True)
+class PubsubConfig:
+    project_id: str = "fmnist-local"
+    emulator_host: str = "127.0.0.1:8085"
+    request_subscription: str = "req_predict-sub"
+    response_subscription: str = "res_predict-sub"
+    dlq_subscription: str = "req_predict.dlq-sub"
+    ack_deadline_s: int = 30
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    broker: str = "kafka"
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0
+    metrics_port: int = 0
+    worker_id: str = ""
+    log_format: str = "text"
+    log_level: str = "INFO"
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    imaging: ImagingConfig = field(default_factory=ImagingConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    pubsub: PubsubConfig = field(default_factory=PubsubConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.model.weights_dir / f"{self.model.name}.keras"
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _section_types(section: str) -> dict[str, Any]:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str, base: Path, from_text: bool) -> Any:
+    """Check (and for env text, parse) one value against its declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` is used
+        if value is None or (from_text and value == ""):
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(value, inner, where, key, base, from_text)
+    if hint is Path:
+        if not isinstance(value, (str, Path)) or str(value) == "":
+            raise _type_error(where, key, value, "a path")
+        path = Path(os.path.expanduser(str(value)))
+        return path if path.is_absolute() else (base / path).resolve()
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise _type_error(where, key, value, "true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text:
+            try:
+                return int(str(value))
+            except ValueError:
+                pass
+        raise _type_error(where, key, value, "a whole number")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(str(value))
+            except ValueError:
+                pass
+        raise _type_error(where, key, value, "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `client_id: 7` as an int; a string was meant
+        raise _type_error(where, key, value, "a string")
+    if origin is tuple:
+        items = value.split(",") if from_text and isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise _type_error(where, key, value, "a list")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], where, key, base,
+                             from_text) for v in items)
+    raise ConfigError(f"internal: no coercion for {hint!r}")  # pragma: no cover
+
+
+def _type_error(where: str, key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{where}: `{key}` must be {expected}, got {value!r}.",
+                       "Fix the value, or run `fmnist config` to see every key with its type.")
+
+
+def _apply(layers: dict[str, dict[str, Any]], data: Any, where: str, base: Path,
+           from_text: bool = False) -> None:
+    """Validate one layer (a parsed file, env or flags) and merge it into ``layers``."""
+    if data is None:
+        return
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections.",
+                          f"Sections are: {', '.join(SECTIONS)}.")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section `{section}`.",
+                              f"Known sections: {', '.join(SECTIONS)}.")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: section `{section}` must be a mapping of keys.")
+        fields = _section_types(section)
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key `{section}.{key}`.",
+                                  f"Known keys in `{section}`: {', '.join(fields)}.")
+            layers[section][key] = _coerce(value, fields[key], where, f"{section}.{key}", base,
+                                           from_text)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.",
+                          "Check the path given to --config.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+
+def _base_for(path: Path, root: Path) -> Path:
+    path = path.resolve()
+    return root if path.is_relative_to(root / "configs") else path.parent
+
+
+def load(config_file: str | Path | None = None,
+         flags: Mapping[str, Any] | None = None,
+         env: Mapping[str, str] | None = None,
+         use_default_file: bool = True) -> Config:
+    """Build the effective config. ``flags`` maps "section.key" to values; None means unset."""
+    root = project_root()
+    env = os.environ if env is None else env
+    layers: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    # Typed defaults carry project-relative paths; anchor them to the project root.
+    for section in SECTIONS:
+        for key, hint in _section_types(section).items():
+            default = getattr(getattr(Config(), section), key)
+            if isinstance(default, Path):
+                layers[section][key] = _coerce(default, hint, "defaults", key, root, False)
+    default_file = root / "configs" / "default.yaml"
+    if use_default_file and default_file.is_file():
+        _apply(layers, _read_yaml(default_file), str(default_file), root)
+    if config_file is not None:
+        path = Path(config_file)
+        _apply(layers, _read_yaml(path), str(path), _base_for(path, root))
+    cwd = Path.cwd()
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "FMNIST_HOME":
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        _apply(layers, {section: {key: value}}, f"environment variable {name}", cwd,
+               from_text=True)
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        _apply(layers, {section: {key: value}}, f"option for {dotted}", cwd)
+    cfg = Config(**{name: SECTIONS[name](**values) for name, values in layers.items()})
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field and range checks that a type alone cannot express."""
+    checks = [
+        (cfg.serve.broker in ("kafka", "pubsub"), "serve.broker must be `kafka` or `pubsub`"),
+        (cfg.serve.max_batch_size >= 1, "serve.max_batch_size must be at least 1"),
+        (cfg.serve.max_wait_ms >= 0, "serve.max_wait_ms must be 0 or more"),
+        (cfg.serve.log_format in ("text", "json"), "serve.log_format must be `text` or `json`"),
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (0.0 <= cfg.train.validation_split < 1.0, "train.validation_split must be in [0, 1)"),
+        (1 <= cfg.model.top_k <= 10, "model.top_k must be between 1 and 10"),
+        (cfg.imaging.invert in ("auto", "always", "never"),
+         "imaging.invert must be `auto`, `always` or `never`"),
+        (cfg.imaging.max_payload_bytes > 0, "imaging.max_payload_bytes must be positive"),
+        (cfg.kafka.partitions >= 1, "kafka.partitions must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"Invalid config: {message}.",
+                              "Fix it in your config file, environment or flags.")
+
+
+def as_dict(cfg: Config, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
+    """Plain data for printing and for meta.json; secrets become '***' when set."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        values = {}
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            if mask_secrets and value and any(w in key for w in SECRET_WORDS):
+                value = "***"
+            values[key] = value
+        out[section] = values
+    return out

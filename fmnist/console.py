@@ -1,0 +1,107 @@
+"""The only module that imports rich: progress bars, tables and the error printer.
+
+Results go to stdout; progress, logs and errors go to stderr, so `--json` output pipes cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_json_line(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str, hint: str | None = None) -> None:
+    err.print(f"[bold red]Error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[yellow]Hint:[/] {hint}", highlight=False)
+
+
+def info(message: str) -> None:
+    err.print(message, highlight=False)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, title_justify="left")
+    for column in columns:
+        t.add_column(column, justify="right" if column[:1].islower() and column in (
+            "confidence", "precision", "recall", "f1", "support", "images", "count") else "left")
+    for row in rows:
+        t.add_row(*(str(c) for c in row))
+    out.print(t)
+
+
+class TrainProgress:
+    """Rich display for training: an epoch bar and a batch bar with loss, accuracy and ETA."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=err, transient=False)
+        self.epochs_task = self.batch_task = 0
+        self.epochs = 0
+
+    def start(self, device: str, epochs: int, steps: int, summary: str) -> None:
+        err.print(f"Training on [bold]{device}[/]: {summary}", highlight=False)
+        self.epochs = epochs
+        self.progress.start()
+        self.epochs_task = self.progress.add_task("epochs", total=epochs, stats="")
+        self.batch_task = self.progress.add_task("epoch 1", total=steps, stats="")
+
+    def batch(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        if step % 10 and step != self.progress.tasks[self.batch_task].total:
+            return  # redrawing every batch costs more than the batch on a small model
+        self.progress.update(self.batch_task, completed=step, description=f"epoch {epoch + 1}",
+                             stats=f"loss {logs.get('loss', 0):.4f} acc {logs.get('accuracy', 0):.4f}")
+
+    def epoch(self, epoch: int, logs: dict[str, float], seconds: float) -> None:
+        val = (f" val_loss {logs['val_loss']:.4f} val_acc {logs['val_accuracy']:.4f}"
+               if "val_loss" in logs else "")
+        self.progress.console.print(
+            f"epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} "
+            f"acc {logs.get('accuracy', 0):.4f}{val} ({seconds:.0f} s)", highlight=False)
+        self.progress.update(self.epochs_task, completed=epoch + 1, stats=val.strip())
+        self.progress.reset(self.batch_task)
+
+    def finish(self) -> None:
+        self.progress.stop()
+
+
+class DownloadProgress:
+    """A byte-progress bar per downloaded file."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> DownloadProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total)
+        self.progress.update(self.tasks[name], completed=done, total=total)

@@ -1,0 +1,80 @@
+"""Importing the ML stack deliberately: thread pools, determinism, and which device runs.
+
+TensorFlow is imported here and only when a command needs it, so `fmnist --help` and
+`fmnist send` start instantly. The previous system left TensorFlow's default pools in place and
+used ~1.2 of 2 cores; we size them to the machine (or to `threads` in the config).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+# Quiet TensorFlow's C++ start-up banner unless the user asked for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cpu_threads(requested: int = 0) -> int:
+    return requested if requested > 0 else (os.cpu_count() or 1)
+
+
+@cache
+def keras_module(threads: int = 0, deterministic: bool = False) -> Any:
+    """Import Keras once, with the backend's thread pools set before any op runs."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        n = cpu_threads(threads)
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        # Small CNNs are a chain of ops: one inter-op thread per core avoids oversubscription.
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, n)))
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+    return keras
+
+
+def device_description(threads: int = 0) -> str:
+    """"GPU: <name>" when the backend sees an accelerator, else "CPU, N threads"."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return f"GPU: {details.get('device_name', gpus[0].name)} (tensorflow)"
+    elif backend == "jax":
+        import jax
+
+        devices = [d for d in jax.devices() if d.platform != "cpu"]
+        if devices:
+            return f"GPU: {devices[0].device_kind} (jax)"
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU: {torch.cuda.get_device_name(0)} (torch)"
+    return f"CPU, {cpu_threads(threads)} threads ({backend})"
+
+
+def library_versions() -> dict[str, str]:
+    import keras
+    import numpy
+
+    versions = {"keras": keras.__version__, "numpy": numpy.__version__,
+                "backend": keras.backend.backend()}
+    backend_module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+    try:
+        module = __import__(backend_module[versions["backend"]])
+        versions[versions["backend"]] = module.__version__
+    except (ImportError, KeyError):
+        pass
+    from fmnist import __version__
+
+    versions["fmnist"] = __version__
+    return versions
