@@ -134,6 +134,205 @@ def train_cmd(
         highlight=False)
 
 
+BrokerOption = Annotated[str | None, typer.Option(
+    "--broker", "-b", help="kafka or pubsub (serve.broker).", show_default=False)]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for answers.")]
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_cmd(
+    config: ConfigOption = None,
+    name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Test accuracy, loss, per-class precision/recall/F1, confusion-matrix and mistakes PNGs."""
+    from fmnist import console, evaluate
+
+    result = evaluate.evaluate(load_config(config, model__name=name))
+    if as_json:
+        console.print_json(result.as_dict())
+        return
+    console.table(f"{result.model} ({result.version}) on the 10k test images",
+                  ["class", "precision", "recall", "f1", "support"],
+                  [[r["class_name"], f"{r['precision']:.4f}", f"{r['recall']:.4f}",
+                    f"{r['f1']:.4f}", r["support"]] for r in result.per_class])
+    console.out.print(f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}", highlight=False)
+    console.info(f"Confusion matrix: {result.confusion_png}; worst mistakes: {result.errors_png}")
+
+
+@app.command("predict")
+@handle_errors
+def predict_cmd(
+    images: Annotated[list[str], typer.Argument(help="Image files (PNG, JPEG, BMP, GIF, WebP).")],
+    config: ConfigOption = None,
+    name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="How many classes to list.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify local image files, no broker needed. Exit 3 if any file could not be read."""
+    from fmnist import console, predict
+
+    cfg = load_config(config, model__name=name, model__top_k=top_k)
+    results = predict.predict_files(cfg, images)
+    if as_json:
+        console.print_json(results)
+    else:
+        console.table(None, ["file", "class", "label", "confidence", "top-k"],
+                      [[r["file"], r.get("class_name", "-"), r.get("label", "-"),
+                        f"{r['confidence']:.3f}" if "confidence" in r else "-",
+                        ", ".join(f"{t['class_name']} {t['probability']:.2f}" for t in r["top_k"])
+                        if "top_k" in r else f"error: {r['error']['message']}"]
+                       for r in results])
+    if any("error" in r for r in results):
+        raise typer.Exit(3)
+
+
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    broker: BrokerOption = None,
+    config: ConfigOption = None,
+    name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="serve.max_batch_size")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="serve.max_wait_ms")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        help="Kafka brokers (kafka.bootstrap_servers).")] = None,
+    group_id: Annotated[str | None, typer.Option(help="Kafka consumer group.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Logs only, no live status.")] = False,
+    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
+) -> None:
+    """Serve predictions: consume requests, predict in micro-batches, publish answers."""
+    from fmnist import serve
+
+    cfg = load_config(config, serve__broker=broker, model__name=name,
+                      serve__max_batch_size=max_batch_size, serve__max_wait_ms=max_wait_ms,
+                      kafka__bootstrap_servers=bootstrap_servers, kafka__group_id=group_id,
+                      serve__log_format=log_format, serve__log_level=log_level)
+    serve.serve(cfg, live_status=not quiet)
+
+
+@app.command("send")
+@handle_errors
+def send_cmd(
+    images: Annotated[list[str] | None, typer.Argument(
+        help="Image files, or names in Images/ (default: sneaker7.png).")] = None,
+    broker: BrokerOption = None,
+    config: ConfigOption = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for and print the answers.")] = False,
+    timeout: TimeoutOption = 30.0,
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        help="Kafka brokers (kafka.bootstrap_servers).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish images as requests; with --wait, print each answer (exit 4 on timeout)."""
+    from fmnist import client, console
+    from fmnist.brokers.base import connect
+
+    cfg = load_config(config, serve__broker=broker, kafka__bootstrap_servers=bootstrap_servers)
+    outgoing = client.read_images(images or [])
+    b = connect(cfg.serve.broker, cfg)
+    try:
+        b.check(cfg.broker.connect_timeout_s)
+        results = client.send(b, cfg, outgoing, wait=wait, timeout_s=timeout)
+    finally:
+        b.close()
+    if as_json:
+        console.print_json(results)
+    elif not wait:
+        console.table(None, ["request_id", "file", "status"],
+                      [[r["request_id"], r["file"], r["status"]] for r in results])
+    else:
+        render_answers(results, with_file=True)
+    if any(r.get("status") == "error" for r in results):
+        raise typer.Exit(3)
+
+
+def render_answers(results: list[dict[str, Any]], with_file: bool = False) -> None:
+    from fmnist import console
+
+    columns = ["request_id", *(["file"] if with_file else []), "class", "confidence",
+               "latency ms", "model"]
+    console.table(None, columns, [
+        [r.get("request_id"), *([r.get("file")] if with_file else []),
+         r.get("class_name") or f"error: {(r.get('error') or {}).get('code')}",
+         f"{r['confidence']:.3f}" if r.get("confidence") is not None else "-",
+         r.get("round_trip_ms", r.get("received_latency_ms")) or "-",
+         f"{(r.get('model') or {}).get('name')}@{(r.get('model') or {}).get('version')}"]
+        for r in results])
+
+
+@app.command("listen")
+@handle_errors
+def listen_cmd(
+    broker: BrokerOption = None,
+    config: ConfigOption = None,
+    count: Annotated[int | None, typer.Option(help="Stop after N answers.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop after S seconds.")] = None,
+    from_beginning: Annotated[bool, typer.Option(
+        help="Kafka: replay retained answers; Pub/Sub: drain res_predict-sub.")] = False,
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        help="Kafka brokers (kafka.bootstrap_servers).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print predictions as they arrive (JSON lines with --json). Ctrl+C stops."""
+    from fmnist import client, console
+    from fmnist.brokers.base import connect
+
+    cfg = load_config(config, serve__broker=broker, kafka__bootstrap_servers=bootstrap_servers)
+    b = connect(cfg.serve.broker, cfg)
+    try:
+        b.check(cfg.broker.connect_timeout_s)
+        def ready() -> None:
+            console.info(f"Listening on {cfg.broker.response_topic} ({cfg.serve.broker}); "
+                         "Ctrl+C to stop.")
+
+        for answer in client.listen(b, cfg, count, timeout, from_beginning, on_ready=ready):
+            if as_json:
+                console.print_json_line(answer)
+            else:
+                error = answer.get("error") or {}
+                console.out.print(
+                    f"{answer.get('request_id')}  "
+                    f"{answer.get('class_name') or 'error: ' + str(error.get('code'))}  "
+                    f"{answer.get('confidence') or ''}  "
+                    f"{answer.get('received_latency_ms') or '-'} ms", highlight=False)
+    except KeyboardInterrupt:
+        return
+    finally:
+        b.close()
+
+
+@app.command("dlq")
+@handle_errors
+def dlq_cmd(
+    broker: BrokerOption = None,
+    config: ConfigOption = None,
+    count: Annotated[int | None, typer.Option(help="Show at most N records.")] = None,
+    timeout: Annotated[float, typer.Option(help="Stop reading after S seconds.")] = 5.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the dead-letter topic: rejected requests, why, and where they came from."""
+    from fmnist import client, console
+    from fmnist.brokers.base import connect
+
+    cfg = load_config(config, serve__broker=broker)
+    b = connect(cfg.serve.broker, cfg)
+    try:
+        b.check(cfg.broker.connect_timeout_s)
+        records = list(client.dead_letters(b, cfg, count, timeout))
+    finally:
+        b.close()
+    if as_json:
+        console.print_json(records)
+        return
+    console.table(f"{cfg.broker.dlq_topic} ({len(records)} records)",
+                  ["request_id", "code", "message", "source", "worker_id"],
+                  [[r["request_id"], r["code"], r["message"], r["source"], r["worker_id"]]
+                   for r in records])
+
+
 def main() -> None:
     app()
 

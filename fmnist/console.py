@@ -11,8 +11,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 out = Console()
@@ -105,3 +113,28 @@ class DownloadProgress:
         if name not in self.tasks:
             self.tasks[name] = self.progress.add_task(name, total=total)
         self.progress.update(self.tasks[name], completed=done, total=total)
+
+
+class ServeStatus:
+    """A live one-line status for `fmnist serve`: state, counts, rate, batch size, latency."""
+
+    def __init__(self, stats: Any, broker: str) -> None:
+        from rich.live import Live
+
+        self.stats = stats
+        self.broker = broker
+        self.live = Live(get_renderable=self.render, console=err, refresh_per_second=4,
+                         transient=True)
+
+    def render(self) -> str:
+        s = self.stats
+        p50, p99 = s.latency_ms(50), s.latency_ms(99)
+        latency = f"p50 {p50:.1f} ms p99 {p99:.1f} ms" if p50 is not None else "no requests yet"
+        return (f"{self.broker} {s.broker_state} | {s.processed} answered ({s.errors} errors) | "
+                f"{s.rate():.1f} req/s | last batch {s.last_batch} | worker {latency}")
+
+    def start(self) -> None:
+        self.live.start()
+
+    def stop(self) -> None:
+        self.live.stop()

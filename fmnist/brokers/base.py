@@ -1,0 +1,99 @@
+"""The one small interface both brokers implement.
+
+A worker needs four things from a broker: receive a batch of requests, publish responses and
+wait until the broker confirms them, acknowledge (commit) requests only after that, and give
+requests back for redelivery when publishing failed. Everything vendor-specific (Kafka
+partitions and offsets, Pub/Sub ack ids and flow control) stays inside the adapter modules;
+the vendor's message type never leaves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+SUPPORTED = ("kafka", "pubsub")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One received message, broker-neutral."""
+
+    value: bytes
+    headers: dict[str, str]  # Kafka headers (decoded as UTF-8) / Pub/Sub attributes
+    key: str | None
+    topic: str
+    # A stable name of this delivery: "topic/partition/offset" (Kafka) or the Pub/Sub message id.
+    # Requests without a request_id header are answered under an id derived from it.
+    source_id: str
+    broker_time_ms: int | None  # when the broker stored it, if it says
+    received_at: float  # time.time() when our consumer handed it out
+    handle: Any = field(default=None, compare=False, repr=False)  # opaque ack token
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    topic: str
+    value: bytes
+    key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Consumer(Protocol):
+    def next_batch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Up to ``max_messages``; returns early with what it has once ``timeout_s`` passes."""
+
+    def commit(self, messages: list[Message]) -> None:
+        """Acknowledge these messages: they will not be delivered again to this group."""
+
+    def redeliver(self, messages: list[Message]) -> None:
+        """Give these messages back (publish failed): they are delivered again, none skipped."""
+
+    def close(self) -> None: ...
+
+
+class Producer(Protocol):
+    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
+        """Send all and block until the broker confirms each; raise BrokerError if any failed."""
+
+    def close(self) -> None: ...
+
+
+class Broker(Protocol):
+    name: str
+
+    def check(self, timeout_s: float) -> None:
+        """Raise BrokerError (naming the address and how to start it) if unreachable."""
+
+    def ensure_topics(self, topics: list[str]) -> None:
+        """Create the topics (and for Pub/Sub their default subscriptions) that are missing."""
+
+    def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
+                 max_in_flight: int = 1000) -> Consumer:
+        """A consumer of ``topic``.
+
+        ``group`` given: a shared, committed position (Kafka consumer group, or the named Pub/Sub
+        subscription) so several workers split the load and a restart resumes where the last
+        commit left off; a new group starts at the earliest message.
+        ``group`` None: a private reader that sees only messages published after it was created
+        (or all retained ones with ``from_beginning``), used by clients waiting for answers.
+        """
+
+    def producer(self) -> Producer: ...
+
+    def close(self) -> None: ...
+
+
+def connect(name: str, cfg: Any) -> Broker:
+    """The broker named ``name`` (``kafka`` or ``pubsub``), configured from the shared Config."""
+    if name == "kafka":
+        from fmnist.brokers.kafka import KafkaBroker
+
+        return KafkaBroker(cfg)
+    if name == "pubsub":
+        from fmnist.brokers.pubsub import PubsubBroker
+
+        return PubsubBroker(cfg)
+    from fmnist.errors import ConfigError
+
+    raise ConfigError(f"Unknown broker {name!r}.", f"Use one of: {', '.join(SUPPORTED)}.")

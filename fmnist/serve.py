@@ -1,0 +1,64 @@
+"""`fmnist serve`: wire the worker to a broker, signals, logs and the live status line.
+
+SIGINT/SIGTERM ask the loop to stop after the batch in flight is answered and committed (exit
+0); a second signal exits at once (130), for when draining is not what you want.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from types import FrameType
+
+from fmnist import logs
+from fmnist.brokers.base import connect
+from fmnist.config import Config
+from fmnist.worker import Worker, default_worker_id, group_for
+
+log = logging.getLogger("fmnist.serve")
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if worker.stop_event.is_set():
+            os._exit(130)  # second signal: no more draining
+        log.info("%s received: finishing the batch in flight, then exiting",
+                 signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def serve(cfg: Config, live_status: bool = True) -> None:
+    from fmnist.predictor import Predictor
+
+    worker_id = cfg.serve.worker_id or default_worker_id()
+    logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)
+    predictor = Predictor(cfg.weights_path, max_batch=cfg.serve.max_batch_size,
+                          top_k=cfg.model.top_k, threads=cfg.serve.threads)
+    log.info("model %s@%s loaded and warmed in %.2f s", predictor.name, predictor.version,
+             predictor.load_seconds)
+    broker = connect(cfg.serve.broker, cfg)
+    worker = Worker(cfg, broker, predictor, group_for(cfg.serve.broker, cfg), worker_id)
+    install_signal_handlers(worker)
+    log.info("serving %s on %s -> %s (group %s, max batch %d, max wait %g ms)",
+             cfg.serve.broker, cfg.broker.request_topic, cfg.broker.response_topic, worker.group,
+             cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
+    status = None
+    if live_status:
+        from fmnist.console import ServeStatus
+
+        status = ServeStatus(worker.stats, cfg.serve.broker)
+        status.start()
+    try:
+        worker.run()
+    finally:
+        if status:
+            status.stop()
+        broker.close()
+    log.info("stopped after %d requests (%d errors)", worker.stats.processed, worker.stats.errors)
+
+
+

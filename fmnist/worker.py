@@ -1,0 +1,231 @@
+"""The serve loop: receive a micro-batch, predict in one forward pass, publish, then commit.
+
+At-least-once, in this order and no other: responses (and dead letters) are published and
+confirmed by the broker *before* their requests are committed/acked. If publishing fails the
+requests are handed back for redelivery, never committed, so a worker killed at any instant
+loses nothing; the price is that a request may be answered twice (same request_id).
+
+Every request gets exactly one answer per delivery: a prediction, or an error response plus a
+dead-letter record. A bad request never takes the worker down or holds up the others in its
+batch (the Ray Serve rule: a batch returns as many results as it got inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fmnist import imaging, protocol
+from fmnist.brokers.base import Broker, Consumer, Message, OutMessage, Producer
+from fmnist.config import Config
+from fmnist.errors import BrokerError, ImageError
+
+log = logging.getLogger("fmnist.worker")
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def group_for(broker_name: str, cfg: Config) -> str:
+    """Kafka: the consumer group; Pub/Sub: the shared request subscription."""
+    return cfg.kafka.group_id if broker_name == "kafka" else cfg.pubsub.request_subscription
+
+
+@dataclass
+class Stats:
+    """Counters for the status line, /metrics and tests. Updated by the serve loop only."""
+
+    started: float = field(default_factory=time.monotonic)
+    processed: int = 0
+    ok: int = 0
+    errors: int = 0
+    batches: int = 0
+    last_batch: int = 0
+    redelivered: int = 0
+    broker_state: str = "connecting"
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    error_codes: dict[str, int] = field(default_factory=dict)
+    last_loop: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        return self.processed / max(time.monotonic() - self.started, 1e-9)
+
+    def latency_ms(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one micro-batch produced: messages to publish and, per request, its outcome."""
+
+    out: list[OutMessage]
+    outcomes: list[str]  # "ok" or an error code, one per request in order
+    inference_ms: float
+
+
+class Worker:
+    def __init__(self, cfg: Config, broker: Broker, predictor: Any, group: str,
+                 worker_id: str | None = None, observers: list[Callable[..., None]] | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.predictor = predictor
+        self.group = group
+        self.worker_id = worker_id or cfg.serve.worker_id or default_worker_id()
+        self.stats = Stats()
+        self.stop_event = threading.Event()
+        self.observers = observers or []
+        self._known_topics: set[str] = set()
+
+    # -- pure part: a batch of messages in, messages to publish out -------------------------
+
+    def process(self, messages: list[Message]) -> BatchResult:
+        cfg = self.cfg
+        model = {"name": self.predictor.name, "version": self.predictor.version}
+        requests, errors, pixels, good = [], {}, [], []
+        for i, message in enumerate(messages):
+            request, error = protocol.parse_request(message, cfg.broker.response_topic)
+            requests.append(request)
+            if error is None:
+                try:
+                    pixels.append(imaging.decode(message.value, cfg.imaging))
+                    good.append(i)
+                    continue
+                except ImageError as exc:
+                    error = protocol.RequestError(exc.code, exc.message)
+                except Exception as exc:  # a decoder bug must not take the batch down
+                    log.exception("unexpected decode failure", extra={"request_id":
+                                                                      request.request_id})
+                    error = protocol.RequestError("internal_error", f"decode failed: {exc}")
+            errors[i] = error
+
+        inference_ms = 0.0
+        predictions: dict[int, dict[str, Any]] = {}
+        if good:
+            started = time.perf_counter()
+            try:
+                results = self.predictor.predict(np.stack(pixels))
+                assert len(results) == len(good), "a batch must return one result per input"
+                predictions = {i: r.as_dict() for i, r in zip(good, results, strict=True)}
+            except Exception as exc:  # model failure: every request still gets an answer
+                log.exception("inference failed for a batch of %d", len(good))
+                for i in good:
+                    errors[i] = protocol.RequestError("internal_error", f"inference failed: {exc}")
+            inference_ms = (time.perf_counter() - started) * 1000
+
+        out: list[OutMessage] = []
+        outcomes: list[str] = []
+        for i, request in enumerate(requests):
+            error = errors.get(i)
+            out.append(protocol.response(request, model=model, worker_id=self.worker_id,
+                                         inference_ms=inference_ms if i in predictions else None,
+                                         prediction=predictions.get(i), error=error))
+            if error:
+                out.append(protocol.dead_letter(request, error, cfg.broker.dlq_topic,
+                                                self.worker_id))
+            outcomes.append(error.code if error else "ok")
+        return BatchResult(out, outcomes, inference_ms)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        """Serve until ``stop()``; survive broker outages with capped exponential backoff."""
+        backoff = 0.5
+        consumer: Consumer | None = None
+        producer: Producer | None = None
+        while not self.stop_event.is_set():
+            try:
+                if consumer is None or producer is None:
+                    self._connect_state("connecting")
+                    self.broker.check(self.cfg.broker.connect_timeout_s)
+                    if self.cfg.broker.create_topics:
+                        self.broker.ensure_topics([self.cfg.broker.request_topic,
+                                                   self.cfg.broker.response_topic,
+                                                   self.cfg.broker.dlq_topic])
+                    producer = self.broker.producer()
+                    consumer = self.broker.consumer(
+                        self.cfg.broker.request_topic, group=self.group,
+                        max_in_flight=4 * self.cfg.serve.max_batch_size)
+                    self._connect_state("connected")
+                    backoff = 0.5
+                self.serve_once(consumer, producer)
+            except BrokerError as exc:
+                self._connect_state(f"unavailable, retrying in {backoff:.1f} s")
+                log.warning("broker problem: %s; retrying in %.1f s", exc.message, backoff)
+                for closable in (consumer, producer):
+                    try:
+                        if closable is not None:
+                            closable.close()
+                    except Exception:  # closing a broken client may fail too
+                        pass
+                consumer = producer = None
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        for closable in (consumer, producer):
+            if closable is not None:
+                closable.close()
+
+    def serve_once(self, consumer: Consumer, producer: Producer) -> int:
+        """One micro-batch: fill, predict, publish + confirm, commit. Returns its size."""
+        self.stats.last_loop = time.monotonic()
+        max_batch = self.cfg.serve.max_batch_size
+        messages = consumer.next_batch(max_batch, timeout_s=0.2)
+        if not messages:
+            return 0
+        # The first request is here; wait at most max_wait_ms for the batch to fill.
+        deadline = time.monotonic() + self.cfg.serve.max_wait_ms / 1000
+        while len(messages) < max_batch and (left := deadline - time.monotonic()) > 0:
+            more = consumer.next_batch(max_batch - len(messages), timeout_s=left)
+            if not more:
+                break
+            messages.extend(more)
+        result = self.process(messages)
+        self._ensure_reply_topics(result.out)
+        try:
+            producer.publish(result.out, timeout_s=30)
+        except BrokerError:
+            consumer.redeliver(messages)  # never commit what was not answered
+            self.stats.redelivered += len(messages)
+            raise
+        consumer.commit(messages)
+        self._record(messages, result)
+        return len(messages)
+
+    def _ensure_reply_topics(self, out: list[OutMessage]) -> None:
+        """Per-client reply topics (res_predict.<x>) are created on first use."""
+        new = {m.topic for m in out} - self._known_topics
+        if new and self.cfg.broker.create_topics:
+            self.broker.ensure_topics(sorted(new))
+        self._known_topics |= new
+
+    def _record(self, messages: list[Message], result: BatchResult) -> None:
+        stats = self.stats
+        now = time.time()
+        stats.batches += 1
+        stats.last_batch = len(messages)
+        stats.processed += len(messages)
+        for message, outcome in zip(messages, result.outcomes, strict=True):
+            stats.latencies_ms.append((now - message.received_at) * 1000)
+            if outcome == "ok":
+                stats.ok += 1
+            else:
+                stats.errors += 1
+                stats.error_codes[outcome] = stats.error_codes.get(outcome, 0) + 1
+        for observe in self.observers:
+            observe(messages, result)
+
+    def _connect_state(self, state: str) -> None:
+        self.stats.broker_state = state

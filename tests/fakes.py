@@ -1,0 +1,108 @@
+"""In-memory doubles for unit tests of logic. Integration tests use the real brokers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fmnist.brokers.base import Message, OutMessage
+from fmnist.errors import BrokerError
+from fmnist.model import CLASS_NAMES
+from fmnist.predictor import Prediction
+
+
+@dataclass
+class MemoryBroker:
+    """Topics are lists; a group is a committed offset per topic (one partition)."""
+
+    name: str = "memory"
+    topics: dict[str, list[OutMessage]] = field(default_factory=dict)
+    committed: dict[tuple[str, str], int] = field(default_factory=dict)
+    fail_publishes: int = 0  # the next N publish() calls raise BrokerError
+
+    def check(self, timeout_s: float) -> None: ...
+
+    def ensure_topics(self, topics: list[str]) -> None:
+        for topic in topics:
+            self.topics.setdefault(topic, [])
+
+    def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
+                 max_in_flight: int = 1000) -> MemoryConsumer:
+        self.ensure_topics([topic])
+        start = self.committed.get((topic, group), 0) if group else (
+            0 if from_beginning else len(self.topics[topic]))
+        return MemoryConsumer(self, topic, group, start)
+
+    def producer(self) -> MemoryProducer:
+        return MemoryProducer(self)
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class MemoryConsumer:
+    broker: MemoryBroker
+    topic: str
+    group: str | None
+    position: int
+
+    def next_batch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        log = self.broker.topics[self.topic]
+        out = []
+        for offset in range(self.position, min(len(log), self.position + max_messages)):
+            m = log[offset]
+            out.append(Message(m.value, dict(m.headers), m.key, self.topic,
+                               f"{self.topic}/0/{offset}", None, time.time(), handle=offset))
+        self.position += len(out)
+        return out
+
+    def commit(self, messages: list[Message]) -> None:
+        if self.group and messages:
+            key = (self.topic, self.group)
+            self.broker.committed[key] = max(self.broker.committed.get(key, 0),
+                                             max(m.handle for m in messages) + 1)
+
+    def redeliver(self, messages: list[Message]) -> None:
+        if messages:
+            self.position = min(m.handle for m in messages)
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class MemoryProducer:
+    broker: MemoryBroker
+
+    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
+        if self.broker.fail_publishes:
+            self.broker.fail_publishes -= 1
+            raise BrokerError("publish failed (injected)")
+        for m in messages:
+            self.broker.topics.setdefault(m.topic, []).append(m)
+
+    def close(self) -> None: ...
+
+
+class BrightnessPredictor:
+    """Label = brightest pixel // 25: lets a test tell which image an answer belongs to."""
+
+    name = "fake"
+    version = "000000000000"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.batches: list[int] = []
+
+    def predict(self, pixels: np.ndarray) -> list[Prediction]:
+        if self.fail:
+            raise RuntimeError("model exploded")
+        self.batches.append(len(pixels))
+        out = []
+        for image in pixels:
+            label = min(int(image.max()) // 25, 9)
+            out.append(Prediction(label, CLASS_NAMES[label], 0.9,
+                                  [{"label": label, "class_name": CLASS_NAMES[label],
+                                    "probability": 0.9}]))
+        return out

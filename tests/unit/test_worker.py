@@ -1,0 +1,169 @@
+"""The serve loop's logic against in-memory doubles: batching, ordering, errors, at-least-once."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmnist import config
+from fmnist.brokers.base import OutMessage
+from fmnist.errors import BrokerError
+from fmnist.worker import Worker
+from tests.fakes import BrightnessPredictor, MemoryBroker
+
+REQ, RES, DLQ = "req_predict", "res_predict", "req_predict.dlq"
+
+
+def png(brightness: int) -> bytes:
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[10:18, 10:18] = brightness
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cfg() -> config.Config:
+    return config.load(env={}, flags={"serve.max_wait_ms": 0, "serve.max_batch_size": 8})
+
+
+def make_worker(cfg: config.Config, predictor: BrightnessPredictor | None = None):
+    broker = MemoryBroker()
+    broker.ensure_topics([REQ, RES, DLQ])
+    worker = Worker(cfg, broker, predictor or BrightnessPredictor(), group="g", worker_id="w1")
+    return worker, broker, broker.consumer(REQ, group="g"), broker.producer()
+
+
+def request(value: bytes, rid: str | None = None, **headers: str) -> OutMessage:
+    if rid:
+        headers["request_id"] = rid
+    return OutMessage(REQ, value, headers=headers)
+
+
+def answers(broker: MemoryBroker) -> list[dict]:
+    return [json.loads(m.value) for m in broker.topics[RES]]
+
+
+def test_each_request_gets_its_own_prediction_under_its_own_id(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(25 * k + 5), f"id-{k}") for k in range(10)], 1)
+    while worker.serve_once(consumer, producer):
+        pass
+    got = {a["request_id"]: a for a in answers(broker)}
+    assert sorted(got) == sorted(f"id-{k}" for k in range(10))
+    for k in range(10):
+        assert got[f"id-{k}"]["label"] == k
+        assert got[f"id-{k}"]["status"] == "ok"
+        assert got[f"id-{k}"]["model"] == {"name": "fake", "version": "000000000000"}
+    assert [m.key for m in broker.topics[RES]] == [f"id-{k}" for k in range(10)]
+    assert broker.committed[(REQ, "g")] == 10
+    assert broker.topics[DLQ] == []
+
+
+def test_requests_are_batched_up_to_max_batch_size(cfg) -> None:
+    predictor = BrightnessPredictor()
+    worker, broker, consumer, producer = make_worker(cfg, predictor)
+    producer.publish([request(png(100)) for _ in range(20)], 1)
+    while worker.serve_once(consumer, producer):
+        pass
+    assert predictor.batches == [8, 8, 4]
+
+
+def test_request_without_headers_is_answered_under_a_derived_id(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([OutMessage(REQ, png(60))], 1)
+    worker.serve_once(consumer, producer)
+    (answer,) = answers(broker)
+    assert answer["request_id"] == f"{REQ}/0/0"
+    assert answer["request_id_derived"] is True
+    assert answer["label"] == 2
+
+
+def test_bad_requests_get_error_answers_and_dead_letters_without_hurting_neighbours(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(30), "good-1"), request(b"", "empty"),
+                      request(b"\x00garbage" * 10, "garbage"), request(png(230), "good-2")], 1)
+    worker.serve_once(consumer, producer)
+    got = {a["request_id"]: a for a in answers(broker)}
+    assert got["good-1"]["label"] == 1 and got["good-2"]["label"] == 9
+    assert got["empty"]["status"] == "error"
+    assert got["empty"]["error"]["code"] == "empty_payload"
+    assert got["garbage"]["error"]["code"] == "unsupported_format"
+    assert "label" not in got["garbage"]
+    dlq = {m.headers["dlq_request_id"]: m for m in broker.topics[DLQ]}
+    assert sorted(dlq) == ["empty", "garbage"]
+    assert dlq["garbage"].value == b"\x00garbage" * 10  # original bytes kept
+    assert dlq["garbage"].headers["dlq_error_code"] == "unsupported_format"
+    assert dlq["garbage"].headers["dlq_source"] == f"{REQ}/0/2"
+    assert dlq["garbage"].headers["dlq_worker_id"] == "w1"
+    assert broker.committed[(REQ, "g")] == 4
+
+
+def test_model_failure_answers_every_request_with_an_error(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg, BrightnessPredictor(fail=True))
+    producer.publish([request(png(30), f"r{i}") for i in range(3)], 1)
+    worker.serve_once(consumer, producer)
+    codes = [a["error"]["code"] for a in answers(broker)]
+    assert codes == ["internal_error"] * 3
+    assert len(broker.topics[DLQ]) == 3
+
+
+def test_failed_publish_commits_nothing_and_redelivers(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(30), "a"), request(png(60), "b")], 1)
+    broker.fail_publishes = 1
+    with pytest.raises(BrokerError):
+        worker.serve_once(consumer, producer)
+    assert (REQ, "g") not in broker.committed
+    assert broker.topics[RES] == []
+    assert worker.serve_once(consumer, producer) == 2  # delivered again, answered
+    assert sorted(a["request_id"] for a in answers(broker)) == ["a", "b"]
+    assert broker.committed[(REQ, "g")] == 2
+
+
+def test_run_survives_broker_errors_and_keeps_serving(cfg) -> None:
+    worker, broker, _, producer = make_worker(cfg)
+    producer.publish([request(png(30), "x")], 1)
+    broker.fail_publishes = 2
+    observed = []
+
+    def stop_when_answered(messages, result) -> None:
+        observed.append(result.outcomes)
+        worker.stop()
+
+    worker.observers.append(stop_when_answered)
+    worker.run()  # backs off twice (0.5 s, 1 s), then answers and stops
+    assert observed == [["ok"]]
+    assert [a["request_id"] for a in answers(broker)] == ["x"]
+
+
+def test_timings_and_trace_context_are_carried(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    producer.publish([request(png(30), "t", sent_at="1700000000000", traceparent=trace)], 1)
+    worker.serve_once(consumer, producer)
+    (message,) = broker.topics[RES]
+    body = json.loads(message.value)
+    assert message.headers["traceparent"] == trace
+    assert message.headers["request_id"] == "t"
+    assert body["timings_ms"]["total"] > 0
+    assert body["timings_ms"]["inference"] >= 0
+
+
+def test_invalid_headers_and_reply_to_are_errors_answered_on_the_response_topic(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(30), "x" * 500), request(png(30), "r1", reply_to=REQ),
+                      request(png(30), "r2", sent_at="yesterday"),
+                      request(png(30), "r3", reply_to=f"{RES}.client7")], 1)
+    worker.serve_once(consumer, producer)
+    got = {a["request_id"]: a for a in answers(broker)}
+    assert got[f"{REQ}/0/0"]["error"]["code"] == "invalid_headers"
+    assert got["r1"]["error"]["code"] == "invalid_reply_to"
+    assert got["r2"]["error"]["code"] == "invalid_headers"
+    assert "r3" not in got  # went to its own reply topic
+    (private,) = broker.topics[f"{RES}.client7"]
+    assert json.loads(private.value)["status"] == "ok"
