@@ -202,6 +202,10 @@ def serve_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Logs only, no live status.")] = False,
     log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve /metrics, /healthz, /readyz, /status on this port (serve.metrics_port).")] = None,
+    reload: Annotated[bool, typer.Option(
+        "--reload", help="Hot-reload the weights file when it changes (SIGHUP also reloads).")] = False,
 ) -> None:
     """Serve predictions: consume requests, predict in micro-batches, publish answers."""
     from fmnist import serve
@@ -209,8 +213,45 @@ def serve_cmd(
     cfg = load_config(config, serve__broker=broker, model__name=name,
                       serve__max_batch_size=max_batch_size, serve__max_wait_ms=max_wait_ms,
                       kafka__bootstrap_servers=bootstrap_servers, kafka__group_id=group_id,
-                      serve__log_format=log_format, serve__log_level=log_level)
-    serve.serve(cfg, live_status=not quiet)
+                      serve__log_format=log_format, serve__log_level=log_level,
+                      serve__metrics_port=metrics_port)
+    serve.serve(cfg, live_status=not quiet, reload=reload)
+
+
+@app.command("status")
+@handle_errors
+def status_cmd(
+    port: Annotated[int | None, typer.Option(help="The worker's metrics port.")] = None,
+    host: Annotated[str, typer.Option(help="The worker's host.")] = "127.0.0.1",
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask a running worker how it is (its /status endpoint). Exit 4 if unreachable or unready."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from fmnist import console
+    from fmnist.errors import BrokerError
+
+    cfg = load_config(config, serve__metrics_port=port)
+    url = f"http://{host}:{cfg.serve.metrics_port}/status"
+    if not cfg.serve.metrics_port:
+        raise BrokerError("No metrics port configured.", "Pass --port, the port given to "
+                          "`fmnist serve --metrics-port`.")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise BrokerError(f"No worker answers at {url} ({getattr(exc, 'reason', exc)}).",
+                          "Is `fmnist serve --metrics-port PORT` running with that port?") from None
+    if as_json:
+        console.print_json(status)
+    else:
+        console.table(f"worker {status['worker_id']}", ["key", "value"],
+                      [[k, v] for k, v in status.items() if k != "worker_id"])
+    if not status.get("ready"):
+        raise typer.Exit(4)
 
 
 @app.command("send")

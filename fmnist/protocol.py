@@ -123,12 +123,18 @@ def parse_request(message: Message, response_topic: str) -> tuple[Request, Reque
 
 def response(request: Request, *, model: dict[str, str], worker_id: str,
              inference_ms: float | None, prediction: dict[str, Any] | None = None,
-             error: RequestError | None = None) -> OutMessage:
-    """The JSON response for one request (a prediction or an error), ready to publish."""
+             error: RequestError | None = None, body: dict[str, Any] | None = None) -> OutMessage:
+    """The JSON response for one request (a prediction or an error), ready to publish.
+
+    ``body`` replaces our JSON with another protocol's (Open Inference Protocol); the headers,
+    key and reply topic stay ours either way."""
     finished = now_ms()
     received_ms = request.message.received_at * 1000
     queued_since = request.sent_at_ms or request.message.broker_time_ms
-    body: dict[str, Any] = {
+    if body is not None:
+        return OutMessage(request.reply_to, json.dumps(body, separators=(",", ":")).encode(),
+                          key=request.request_id, headers=response_headers(request, error))
+    body = {
         "protocol": PROTOCOL_VERSION,
         "request_id": request.request_id,
         "request_id_derived": request.derived_id,

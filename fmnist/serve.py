@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from pathlib import Path
 from types import FrameType
 
 from fmnist import logs
 from fmnist.brokers.base import connect
 from fmnist.config import Config
+from fmnist.metrics import HealthServer, Metrics
+from fmnist.reload import Reloader
 from fmnist.worker import Worker, default_worker_id, group_for
 
 log = logging.getLogger("fmnist.serve")
@@ -31,18 +34,37 @@ def install_signal_handlers(worker: Worker) -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
-def serve(cfg: Config, live_status: bool = True) -> None:
+def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     from fmnist.predictor import Predictor
 
     worker_id = cfg.serve.worker_id or default_worker_id()
     logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)
-    predictor = Predictor(cfg.weights_path, max_batch=cfg.serve.max_batch_size,
-                          top_k=cfg.model.top_k, threads=cfg.serve.threads)
+    def load(path: Path) -> Predictor:
+        return Predictor(path, max_batch=cfg.serve.max_batch_size, top_k=cfg.model.top_k,
+                         threads=cfg.serve.threads)
+
+    predictor = load(cfg.weights_path)
     log.info("model %s@%s loaded and warmed in %.2f s", predictor.name, predictor.version,
              predictor.load_seconds)
     broker = connect(cfg.serve.broker, cfg)
     worker = Worker(cfg, broker, predictor, group_for(cfg.serve.broker, cfg), worker_id)
     install_signal_handlers(worker)
+    metrics = Metrics(cfg.serve.broker)
+    metrics.set_model(predictor.name, predictor.version)
+    worker.observers.append(metrics.observe)
+    health = None
+    if cfg.serve.metrics_port:
+        health = HealthServer(cfg.serve.metrics_port, worker, metrics).start()
+        log.info("metrics and health on http://127.0.0.1:%d/metrics (/healthz, /readyz, /status)",
+                 health.port)
+
+    def swap(new: Predictor) -> None:
+        worker.predictor = new  # the loop reads it once per batch
+        metrics.set_model(new.name, new.version)
+
+    reloader = Reloader(cfg.weights_path, load, swap, watch=reload,
+                        on_result=lambda r: metrics.reloads.labels(result=r).inc()).start()
+    signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
     log.info("serving %s on %s -> %s (group %s, max batch %d, max wait %g ms)",
              cfg.serve.broker, cfg.broker.request_topic, cfg.broker.response_topic, worker.group,
              cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
@@ -55,8 +77,11 @@ def serve(cfg: Config, live_status: bool = True) -> None:
     try:
         worker.run()
     finally:
+        reloader.stop()
         if status:
             status.stop()
+        if health:
+            health.stop()
         broker.close()
     log.info("stopped after %d requests (%d errors)", worker.stats.processed, worker.stats.errors)
 

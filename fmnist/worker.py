@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fmnist import imaging, protocol
+from fmnist import imaging, oip, protocol
 from fmnist.brokers.base import Broker, Consumer, Message, OutMessage, Producer
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ImageError
@@ -91,35 +91,43 @@ class Worker:
 
     def process(self, messages: list[Message]) -> BatchResult:
         cfg = self.cfg
-        model = {"name": self.predictor.name, "version": self.predictor.version}
-        requests, errors, pixels, good = [], {}, [], []
+        predictor = self.predictor  # read once: a hot reload swaps models between batches
+        model = {"name": predictor.name, "version": predictor.version}
+        requests: list[protocol.Request] = []
+        errors: dict[int, protocol.RequestError] = {}
+        rows: list[np.ndarray] = []
+        spans: dict[int, tuple[int, int, str | None]] = {}  # i -> (first row, rows, OIP id)
+        n_rows = 0
         for i, message in enumerate(messages):
             request, error = protocol.parse_request(message, cfg.broker.response_topic)
             requests.append(request)
             if error is None:
                 try:
-                    pixels.append(imaging.decode(message.value, cfg.imaging))
-                    good.append(i)
+                    oip_id, pixels = self._decode(request)
+                    spans[i] = (n_rows, len(pixels), oip_id)
+                    rows.append(pixels)
+                    n_rows += len(pixels)
                     continue
+                except protocol.RequestError as exc:
+                    error = exc
                 except ImageError as exc:
                     error = protocol.RequestError(exc.code, exc.message)
                 except Exception as exc:  # a decoder bug must not take the batch down
-                    log.exception("unexpected decode failure", extra={"request_id":
-                                                                      request.request_id})
+                    log.exception("unexpected decode failure",
+                                  extra={"request_id": request.request_id})
                     error = protocol.RequestError("internal_error", f"decode failed: {exc}")
             errors[i] = error
 
         inference_ms = 0.0
-        predictions: dict[int, dict[str, Any]] = {}
-        if good:
+        probs = np.empty((0, 10), np.float32)
+        if rows:
             started = time.perf_counter()
             try:
-                results = self.predictor.predict(np.stack(pixels))
-                assert len(results) == len(good), "a batch must return one result per input"
-                predictions = {i: r.as_dict() for i, r in zip(good, results, strict=True)}
+                probs = predictor.probabilities(np.concatenate(rows))
+                assert len(probs) == n_rows, "a batch must return one result per input"
             except Exception as exc:  # model failure: every request still gets an answer
-                log.exception("inference failed for a batch of %d", len(good))
-                for i in good:
+                log.exception("inference failed for a batch of %d", n_rows)
+                for i in spans:
                     errors[i] = protocol.RequestError("internal_error", f"inference failed: {exc}")
             inference_ms = (time.perf_counter() - started) * 1000
 
@@ -127,14 +135,35 @@ class Worker:
         outcomes: list[str] = []
         for i, request in enumerate(requests):
             error = errors.get(i)
+            is_oip = oip.is_oip(request.content_type, request.message.value)
+            body = None
+            prediction = None
+            if is_oip:
+                body = ({"error": f"{error.code}: {error.message}"} if error else
+                        oip.response(model["name"], model["version"],
+                                     spans[i][2] or request.request_id,
+                                     probs[spans[i][0]:spans[i][0] + spans[i][1]]))
+            elif not error:
+                prediction = predictor.describe(probs[spans[i][0]]).as_dict()
             out.append(protocol.response(request, model=model, worker_id=self.worker_id,
-                                         inference_ms=inference_ms if i in predictions else None,
-                                         prediction=predictions.get(i), error=error))
+                                         inference_ms=None if error else inference_ms,
+                                         prediction=prediction, error=error, body=body))
             if error:
                 out.append(protocol.dead_letter(request, error, cfg.broker.dlq_topic,
                                                 self.worker_id))
             outcomes.append(error.code if error else "ok")
         return BatchResult(out, outcomes, inference_ms)
+
+    def _decode(self, request: protocol.Request) -> tuple[str | None, np.ndarray]:
+        """Pixels [k, 28, 28] of one request: an image file, or an OIP tensor body."""
+        payload = request.message.value
+        if oip.is_oip(request.content_type, payload):
+            if len(payload) > self.cfg.imaging.max_payload_bytes:
+                raise protocol.RequestError(
+                    "payload_too_large", f"{len(payload):,} bytes is over the limit of "
+                    f"{self.cfg.imaging.max_payload_bytes:,} (imaging.max_payload_bytes)")
+            return oip.parse(payload)
+        return None, imaging.decode(payload, self.cfg.imaging)[None]
 
     # -- the loop ---------------------------------------------------------------------------
 

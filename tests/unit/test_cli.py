@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from fmnist.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["config", "data", "train", "evaluate", "predict", "serve", "send", "listen", "dlq"]
+COMMANDS = ["config", "data", "train", "evaluate", "predict", "serve", "send", "listen", "dlq",
+            "status"]
 runner = CliRunner()
 
 

@@ -167,3 +167,55 @@ def test_invalid_headers_and_reply_to_are_errors_answered_on_the_response_topic(
     assert "r3" not in got  # went to its own reply topic
     (private,) = broker.topics[f"{RES}.client7"]
     assert json.loads(private.value)["status"] == "ok"
+
+
+def oip_request(rid: str, body: object) -> OutMessage:
+    return OutMessage(REQ, json.dumps(body).encode(),
+                      headers={"request_id": rid, "content_type": "application/json"})
+
+
+def test_open_inference_protocol_requests_share_the_batch_and_get_oip_answers(cfg) -> None:
+    predictor = BrightnessPredictor()
+    worker, broker, consumer, producer = make_worker(cfg, predictor)
+    images = np.zeros((3, 28, 28), np.uint8)
+    images[0, 5, 5], images[1, 5, 5], images[2, 5, 5] = 30, 130, 230
+    producer.publish([
+        oip_request("oip-1", {"id": "mine", "inputs": [{"name": "pixels", "shape": [3, 28, 28],
+                                                       "datatype": "UINT8",
+                                                       "data": images.ravel().tolist()}]}),
+        request(png(60), "raw-1"),
+        oip_request("oip-2", {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
+                                         "data": [200.0] * 784}]}),
+    ], 1)
+    worker.serve_once(consumer, producer)
+    assert predictor.batches == [5]  # 3 + 1 + 1 rows in one forward pass
+    by_id = {m.headers["request_id"]: json.loads(m.value) for m in broker.topics[RES]}
+    first = by_id["oip-1"]
+    assert first["id"] == "mine" and first["model_name"] == "fake"
+    labels = next(o for o in first["outputs"] if o["name"] == "label")
+    assert labels["data"] == [1, 5, 9] and labels["shape"] == [3]
+    probs = next(o for o in first["outputs"] if o["name"] == "probabilities")
+    assert probs["shape"] == [3, 10] and probs["datatype"] == "FP32"
+    assert by_id["oip-2"]["id"] == "oip-2"
+    assert next(o for o in by_id["oip-2"]["outputs"] if o["name"] == "label")["data"] == [8]
+    assert by_id["raw-1"]["label"] == 2
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"inputs": []}, "non-empty"),
+    ({"inputs": [{"shape": [1, 27, 27], "datatype": "UINT8", "data": [0] * 729}]}, "shape"),
+    ({"inputs": [{"shape": [1, 784], "datatype": "INT8", "data": [0] * 784}]}, "datatype"),
+    ({"inputs": [{"shape": [2, 784], "datatype": "FP32", "data": [0] * 784}]}, "needs 1568"),
+    ({"inputs": [{"shape": [1, 784], "datatype": "FP32", "data": [300.0] * 784}]}, "0..255"),
+    ("not an object", "inputs"),
+])
+def test_malformed_oip_bodies_get_oip_errors_and_dead_letters(cfg, body, fragment) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([oip_request("bad", body), request(png(30), "fine")], 1)
+    worker.serve_once(consumer, producer)
+    by_id = {m.headers["request_id"]: (m, json.loads(m.value)) for m in broker.topics[RES]}
+    message, answer = by_id["bad"]
+    assert list(answer) == ["error"] and fragment in answer["error"]
+    assert message.headers["error_code"] == "invalid_request"
+    assert by_id["fine"][1]["label"] == 1
+    assert [m.headers["dlq_error_code"] for m in broker.topics[DLQ]] == ["invalid_request"]

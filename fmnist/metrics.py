@@ -1,0 +1,157 @@
+"""Prometheus metrics and health endpoints of a running worker, on one small HTTP server.
+
+    /metrics   Prometheus text format
+    /healthz   200 while the serve loop is alive (it turns red when the loop is stuck)
+    /readyz    200 when the model is warm and the broker is connected (assignment held)
+    /status    JSON summary, read by `fmnist status`
+
+Histograms are in seconds, as Prometheus conventions ask.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
+
+
+class Metrics:
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fmnist_requests", "Requests answered, by broker and outcome.",
+                                ["broker", "outcome"], registry=r)
+        self.errors = Counter("fmnist_errors", "Error responses, by stable error code.", ["code"],
+                              registry=r)
+        self.queue_wait = Histogram("fmnist_queue_wait_seconds",
+                                    "From sent_at (or broker time) to receipt by the worker.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("fmnist_inference_seconds", "Forward pass per batch.",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end = Histogram("fmnist_end_to_end_seconds",
+                                    "From sent_at to the response's publication.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("fmnist_batch_size", "Requests per micro-batch.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge("fmnist_in_flight_requests", "Requests received, not yet committed.",
+                               registry=r)
+        self.lag = Gauge("fmnist_kafka_consumer_lag", "Messages behind the end, per partition.",
+                         ["topic", "partition"], registry=r)
+        self.model_info = Gauge("fmnist_model_info", "The model being served (value is 1).",
+                                ["name", "version"], registry=r)
+        self.reloads = Counter("fmnist_model_reloads", "Hot reloads, by result.", ["result"],
+                               registry=r)
+
+    def set_model(self, name: str, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name=name, version=version).set(1)
+
+    def observe(self, messages: list[Any], result: Any) -> None:
+        """A Worker observer: called once per committed batch."""
+        now = time.time()
+        self.batch_size.observe(len(messages))
+        self.inference.observe(result.inference_ms / 1000)
+        for message, outcome in zip(messages, result.outcomes, strict=True):
+            self.requests.labels(broker=self.broker,
+                                 outcome="ok" if outcome == "ok" else "error").inc()
+            if outcome != "ok":
+                self.errors.labels(code=outcome).inc()
+            sent = _sent_at_s(message)
+            since = sent or (message.broker_time_ms / 1000 if message.broker_time_ms else None)
+            if since:
+                self.queue_wait.observe(max(0.0, message.received_at - since))
+            if sent:
+                self.end_to_end.observe(max(0.0, now - sent))
+
+    def update_lag(self, lag: dict[tuple[str, int], int]) -> None:
+        for (topic, partition), value in lag.items():
+            self.lag.labels(topic=topic, partition=str(partition)).set(value)
+
+
+def _sent_at_s(message: Any) -> float | None:
+    try:
+        return int(message.headers["sent_at"]) / 1000
+    except (KeyError, ValueError):
+        return None
+
+
+class HealthServer:
+    """Serves /metrics, /healthz, /readyz and /status for one worker, in a daemon thread."""
+
+    def __init__(self, port: int, worker: Any, metrics: Metrics, host: str = "0.0.0.0") -> None:
+        self.worker = worker
+        self.metrics = metrics
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                code, content_type, body = server.route(self.path.split("?")[0])
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="health",
+                                       daemon=True)
+
+    def start(self) -> HealthServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.worker.stats.last_loop < STUCK_AFTER_S
+
+    def ready(self) -> bool:
+        return self.alive() and self.worker.stats.broker_state == "connected"
+
+    def status(self) -> dict[str, Any]:
+        s = self.worker.stats
+        return {
+            "worker_id": self.worker.worker_id, "broker": self.metrics.broker,
+            "broker_state": s.broker_state, "alive": self.alive(), "ready": self.ready(),
+            "model": {"name": self.worker.predictor.name,
+                      "version": self.worker.predictor.version},
+            "processed": s.processed, "ok": s.ok, "errors": s.errors, "batches": s.batches,
+            "rate_per_s": round(s.rate(), 2), "error_codes": s.error_codes,
+            "latency_ms": {"p50": s.latency_ms(50), "p99": s.latency_ms(99)},
+        }
+
+    def route(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+        if path == "/healthz":
+            ok = self.alive()
+            return (200 if ok else 503), "text/plain", b"ok\n" if ok else b"serve loop stuck\n"
+        if path == "/readyz":
+            ok = self.ready()
+            return ((200 if ok else 503), "text/plain",
+                    b"ready\n" if ok else f"not ready: {self.worker.stats.broker_state}\n".encode())
+        if path == "/status":
+            return 200, "application/json", json.dumps(self.status()).encode()
+        return 404, "text/plain", b"not found: try /metrics, /healthz, /readyz, /status\n"

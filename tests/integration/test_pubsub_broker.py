@@ -1,0 +1,192 @@
+"""What only Pub/Sub does: default subscriptions, nacks, temporary readers, push latency.
+
+Runs against the real emulator (`scripts/brokers up` or `scripts/pubsub.sh up`); each test owns
+uuid-named topics and subscriptions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fmnist import config
+from fmnist.brokers.base import Message, OutMessage
+from fmnist.brokers.pubsub import PubsubBroker
+from fmnist.errors import BrokerError, ConfigError
+from tests.helpers import poll_until
+from tests.integration.conftest import unique
+from tests.integration.test_broker_contract import drain
+
+pytestmark = pytest.mark.pubsub
+
+
+@pytest.fixture
+def pubsub(cfg: config.Config) -> Iterator[PubsubBroker]:
+    broker = PubsubBroker(cfg)
+    broker.check(timeout_s=10)
+    yield broker
+    broker.close()
+
+
+def subscriptions_of(broker: PubsubBroker, topic: str) -> set[str]:
+    return set(broker.subscriptions(topic))
+
+
+def test_ensure_topics_creates_each_default_subscription_once(pubsub: PubsubBroker) -> None:
+    topics = [unique("req"), unique("res") + ".dlq"]
+    pubsub.ensure_topics(topics)
+    pubsub.ensure_topics(topics)  # a second run finds everything there
+    for topic in topics:
+        assert subscriptions_of(pubsub, topic) == {f"{topic}-sub"}
+
+
+def test_default_subscription_holds_what_was_published_before_any_consumer(
+        pubsub: PubsubBroker) -> None:
+    topic = unique("req")
+    pubsub.ensure_topics([topic])
+    pubsub.producer().publish([OutMessage(topic, b"early", headers={"a": "1"})], timeout_s=10)
+    consumer = pubsub.consumer(topic, group=f"{topic}-sub")
+    got = drain(consumer, 1)
+    assert [(m.value, m.headers) for m in got] == [(b"early", {"a": "1"})]
+    assert got[0].key is None  # keys are not sent: no ordering keys on Pub/Sub
+    assert got[0].broker_time_ms is not None
+    assert abs(got[0].broker_time_ms / 1000 - time.time()) < 60
+    consumer.commit(got)
+
+
+def test_a_nacked_message_comes_back_with_the_same_id(pubsub: PubsubBroker) -> None:
+    topic = unique("req")
+    pubsub.ensure_topics([topic])
+    consumer = pubsub.consumer(topic, group=unique("g"))
+    pubsub.producer().publish([OutMessage(topic, b"x")], timeout_s=10)
+    first = drain(consumer, 1)
+    started = time.monotonic()
+    consumer.redeliver(first)
+    again = drain(consumer, 1)
+    print(f"\nnacked message back after {(time.monotonic() - started) * 1000:.0f} ms")
+    assert [m.source_id for m in again] == [first[0].source_id]
+    consumer.commit(again)
+
+
+def test_closing_gives_uncommitted_messages_back_before_the_ack_deadline(
+        pubsub: PubsubBroker) -> None:
+    topic, group = unique("req"), unique("g")
+    pubsub.ensure_topics([topic])
+    first = pubsub.consumer(topic, group=group)
+    pubsub.producer().publish([OutMessage(topic, b"held")], timeout_s=10)
+    assert len(drain(first, 1)) == 1
+    first.close()  # a worker that stops mid-batch
+    second = pubsub.consumer(topic, group=group)
+    started = time.monotonic()
+    got = drain(second, 1, timeout=pubsub.cfg.pubsub.ack_deadline_s / 2)
+    assert [m.value for m in got] == [b"held"]
+    assert time.monotonic() - started < pubsub.cfg.pubsub.ack_deadline_s / 2
+    second.commit(got)
+
+
+def test_consumers_of_one_group_split_the_messages(pubsub: PubsubBroker) -> None:
+    topic, group = unique("req"), unique("g")
+    pubsub.ensure_topics([topic])
+    a, b = pubsub.consumer(topic, group=group), pubsub.consumer(topic, group=group)
+    pubsub.producer().publish([OutMessage(topic, f"{i}".encode()) for i in range(20)],
+                              timeout_s=10)
+    got: dict[str, list[Message]] = {"a": [], "b": []}
+
+    def take() -> bool:
+        for name, consumer in (("a", a), ("b", b)):
+            batch = consumer.next_batch(20, timeout_s=0.05)
+            consumer.commit(batch)
+            got[name].extend(batch)
+        return len(got["a"]) + len(got["b"]) >= 20
+
+    poll_until(take, timeout=20, interval=0, message="20 messages over two consumers")
+    assert sorted(int(m.value) for m in got["a"] + got["b"]) == list(range(20))  # each once
+
+
+def test_private_reader_subscription_is_deleted_on_close(pubsub: PubsubBroker) -> None:
+    topic = unique("res")
+    pubsub.ensure_topics([topic])
+    reader = pubsub.consumer(topic, group=None)
+    readers = subscriptions_of(pubsub, topic) - {f"{topic}-sub"}
+    assert len(readers) == 1 and readers.pop().startswith(f"{topic}-reader-")
+    reader.close()
+    assert subscriptions_of(pubsub, topic) == {f"{topic}-sub"}
+
+
+def test_broker_close_deletes_the_readers_still_open(cfg: config.Config) -> None:
+    topic = unique("res")
+    broker = PubsubBroker(cfg)
+    broker.ensure_topics([topic])
+    broker.consumer(topic, group=None)
+    broker.close()
+    other = PubsubBroker(cfg)
+    try:
+        assert subscriptions_of(other, topic) == {f"{topic}-sub"}
+    finally:
+        other.close()
+
+
+def test_private_reader_redeliver_hands_the_messages_out_again(pubsub: PubsubBroker) -> None:
+    topic = unique("res")
+    pubsub.ensure_topics([topic])
+    reader = pubsub.consumer(topic, group=None)
+    pubsub.producer().publish([OutMessage(topic, b"1"), OutMessage(topic, b"2")], timeout_s=10)
+    got = drain(reader, 2)
+    reader.redeliver(got)
+    assert sorted(m.value for m in reader.next_batch(10, timeout_s=1)) == [b"1", b"2"]
+    reader.close()
+
+
+def test_group_of_another_topic_is_a_config_error(pubsub: PubsubBroker) -> None:
+    one, two = unique("req"), unique("req")
+    pubsub.ensure_topics([one, two])
+    with pytest.raises(ConfigError, match=one):
+        pubsub.consumer(two, group=f"{one}-sub")
+
+
+def test_missing_topic_is_a_broker_error(pubsub: PubsubBroker) -> None:
+    with pytest.raises(BrokerError, match="does not exist"):
+        pubsub.consumer(unique("nope"), group=unique("g"))
+    with pytest.raises(BrokerError, match="does not exist"):
+        pubsub.producer().publish([OutMessage(unique("nope"), b"x")], timeout_s=5)
+
+
+def test_a_running_consumer_receives_within_100_ms(pubsub: PubsubBroker) -> None:
+    topic = unique("req")
+    pubsub.ensure_topics([topic])
+    consumer = pubsub.consumer(topic, group=unique("g"))
+    producer = pubsub.producer()
+    received: dict[str, float] = {}
+    stop = threading.Event()
+
+    def worker() -> None:  # the serve loop's shape: short next_batch calls, commit each batch
+        while not stop.is_set():
+            batch = consumer.next_batch(64, timeout_s=0.2)
+            for m in batch:
+                received[m.headers["n"]] = m.received_at
+            if batch:
+                consumer.commit(batch)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        producer.publish([OutMessage(topic, b"warm-up", headers={"n": "w"})], timeout_s=10)
+        poll_until(lambda: "w" in received, timeout=10, message="the warm-up message")
+        latencies = []
+        for i in range(20):
+            sent = time.time()
+            producer.publish([OutMessage(topic, b"ping", headers={"n": str(i)})], timeout_s=10)
+            poll_until(lambda i=i: str(i) in received, timeout=10, interval=0.001,
+                       message=f"message {i}")
+            latencies.append((received[str(i)] - sent) * 1000)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    median = statistics.median(latencies)
+    print(f"\npublish -> next_batch latency over {len(latencies)}: median {median:.1f} ms, "
+          f"max {max(latencies):.1f} ms")
+    assert median < 100

@@ -1,0 +1,104 @@
+"""Metrics, health endpoints and hot reload, against the worker's logic with doubles."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+
+from fmnist.errors import ModelError
+from fmnist.logs import JsonFormatter
+from fmnist.metrics import HealthServer, Metrics
+from fmnist.reload import Reloader
+from tests.fakes import BrightnessPredictor
+from tests.unit.test_worker import RES, cfg, make_worker, png, request  # noqa: F401
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith(name + " ") or name.endswith("}"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_counters_move_by_exactly_the_requests_answered(cfg) -> None:  # noqa: F811
+    worker, broker, consumer, producer = make_worker(cfg)
+    metrics = Metrics("memory")
+    metrics.set_model("fake", "000000000000")
+    worker.observers.append(metrics.observe)
+    producer.publish([request(png(30), f"ok{i}", sent_at="1") for i in range(7)]
+                     + [request(b"", "empty"), request(b"junk", "junk")], 1)
+    while worker.serve_once(consumer, producer):  # batches of at most 8
+        pass
+    server = HealthServer(0, worker, metrics, host="127.0.0.1").start()
+    try:
+        worker.stats.broker_state = "connected"
+        code, text = get(f"http://127.0.0.1:{server.port}/metrics")
+        assert code == 200
+        assert sample(text, 'fmnist_requests_total{broker="memory",outcome="ok"}') == 7
+        assert sample(text, 'fmnist_requests_total{broker="memory",outcome="error"}') == 2
+        assert sample(text, 'fmnist_errors_total{code="empty_payload"}') == 1
+        assert sample(text, 'fmnist_errors_total{code="unsupported_format"}') == 1
+        assert sample(text, "fmnist_batch_size_count") == 2
+        assert sample(text, "fmnist_batch_size_sum") == 9
+        assert sample(text, "fmnist_end_to_end_seconds_count") == 7
+        assert 'fmnist_model_info{name="fake",version="000000000000"} 1.0' in text
+        assert get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+        assert get(f"http://127.0.0.1:{server.port}/readyz")[0] == 200
+        status = json.loads(get(f"http://127.0.0.1:{server.port}/status")[1])
+        assert status["processed"] == 9 and status["errors"] == 2 and status["ready"] is True
+    finally:
+        server.stop()
+
+
+def test_health_turns_red_when_the_loop_is_stuck_and_ready_needs_the_broker(cfg) -> None:  # noqa: F811
+    worker, *_ = make_worker(cfg)
+    server = HealthServer(0, worker, Metrics("memory"), host="127.0.0.1").start()
+    try:
+        worker.stats.broker_state = "unavailable, retrying in 2.0 s"
+        code, text = get(f"http://127.0.0.1:{server.port}/readyz")
+        assert code == 503 and "unavailable" in text
+        worker.stats.last_loop -= 120  # nothing has polled for two minutes
+        assert get(f"http://127.0.0.1:{server.port}/healthz")[0] == 503
+    finally:
+        server.stop()
+
+
+def test_reload_swaps_a_good_model_and_refuses_a_broken_one(tmp_path) -> None:
+    weights = tmp_path / "m.keras"
+    weights.write_bytes(b"v1")
+    (tmp_path / "m.meta.json").write_text("{}")
+    serving, results = [], []
+    new_model = BrightnessPredictor()
+
+    def load(path):
+        if path.read_bytes() == b"broken":
+            raise ModelError("incompatible")
+        return new_model
+
+    reloader = Reloader(weights, load, serving.append, on_result=results.append, watch=False)
+    assert reloader.reload_now() is True
+    assert serving == [new_model] and results == ["ok"]
+    weights.write_bytes(b"broken")
+    assert reloader.reload_now() is False
+    assert serving == [new_model] and results == ["ok", "refused"]
+
+
+def test_json_logs_carry_event_level_worker_and_request_id() -> None:
+    record = logging.LogRecord("fmnist.worker", logging.WARNING, __file__, 1, "bad %s", ("x",),
+                               None)
+    record.request_id = "r-1"
+    line = json.loads(JsonFormatter("w-9").format(record))
+    assert line["event"] == "bad x" and line["level"] == "warning"
+    assert line["worker_id"] == "w-9" and line["request_id"] == "r-1"
+    assert line["ts"].endswith("Z")
