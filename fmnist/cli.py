@@ -69,9 +69,11 @@ def config_cmd(config: ConfigOption = None, as_json: JsonOption = False) -> None
     if as_json:
         console.print_json(data)
         return
+    import sys
+
     import yaml
 
-    console.out.print(yaml.safe_dump(data, sort_keys=False), highlight=False, end="")
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False))  # not rich: it would wrap long lines
 
 
 @app.command("data")

@@ -63,10 +63,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 15
+    epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 0.002
-    weight_decay: float = 0.0001
+    weight_decay: float = 0.02
     label_smoothing: float = 0.05
     validation_split: float = 0.1
     augment: bool = True
@@ -203,7 +203,10 @@ def _coerce(value: Any, hint: Any, where: str, key: str, base: Path, from_text: 
             return str(value)  # YAML reads `client_id: 7` as an int; a string was meant
         raise _type_error(where, key, value, "a string")
     if origin is tuple:
-        items = value.split(",") if from_text and isinstance(value, str) else value
+        if from_text and isinstance(value, str):
+            items: Any = value.split(",") if value.strip() else []
+        else:
+            items = value
         if not isinstance(items, (list, tuple)):
             raise _type_error(where, key, value, "a list")
         return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], where, key, base,
@@ -217,8 +220,12 @@ def _type_error(where: str, key: str, value: Any, expected: str) -> ConfigError:
 
 
 def _apply(layers: dict[str, dict[str, Any]], data: Any, where: str, base: Path,
-           from_text: bool = False) -> None:
-    """Validate one layer (a parsed file, env or flags) and merge it into ``layers``."""
+           from_text: bool = False, origins: dict[str, str] | None = None) -> None:
+    """Validate one layer (a parsed file, env or flags) and merge it into ``layers``.
+
+    ``origins`` records, per "section.key", where its current value came from, so a later range
+    check can name the file, variable or flag to fix.
+    """
     if data is None:
         return
     if not isinstance(data, Mapping):
@@ -228,6 +235,8 @@ def _apply(layers: dict[str, dict[str, Any]], data: Any, where: str, base: Path,
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown section `{section}`.",
                               f"Known sections: {', '.join(SECTIONS)}.")
+        if values is None:  # `train:` with every key commented out
+            continue
         if not isinstance(values, Mapping):
             raise ConfigError(f"{where}: section `{section}` must be a mapping of keys.")
         fields = _section_types(section)
@@ -237,6 +246,8 @@ def _apply(layers: dict[str, dict[str, Any]], data: Any, where: str, base: Path,
                                   f"Known keys in `{section}`: {', '.join(fields)}.")
             layers[section][key] = _coerce(value, fields[key], where, f"{section}.{key}", base,
                                            from_text)
+            if origins is not None:
+                origins[f"{section}.{key}"] = where
 
 
 def _read_yaml(path: Path) -> Any:
@@ -262,6 +273,7 @@ def load(config_file: str | Path | None = None,
     root = project_root()
     env = os.environ if env is None else env
     layers: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    origins: dict[str, str] = {}
     # Typed defaults carry project-relative paths; anchor them to the project root.
     for section in SECTIONS:
         for key, hint in _section_types(section).items():
@@ -270,47 +282,58 @@ def load(config_file: str | Path | None = None,
                 layers[section][key] = _coerce(default, hint, "defaults", key, root, False)
     default_file = root / "configs" / "default.yaml"
     if use_default_file and default_file.is_file():
-        _apply(layers, _read_yaml(default_file), str(default_file), root)
+        _apply(layers, _read_yaml(default_file), str(default_file), root, origins=origins)
     if config_file is not None:
         path = Path(config_file)
-        _apply(layers, _read_yaml(path), str(path), _base_for(path, root))
+        _apply(layers, _read_yaml(path), str(path), _base_for(path, root), origins=origins)
     cwd = Path.cwd()
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name or name == "FMNIST_HOME":
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
         _apply(layers, {section: {key: value}}, f"environment variable {name}", cwd,
-               from_text=True)
+               from_text=True, origins=origins)
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
         section, _, key = dotted.partition(".")
-        _apply(layers, {section: {key: value}}, f"option for {dotted}", cwd)
+        _apply(layers, {section: {key: value}}, f"command-line option for {dotted}", cwd,
+               origins=origins)
     cfg = Config(**{name: SECTIONS[name](**values) for name, values in layers.items()})
-    _validate(cfg)
+    _validate(cfg, origins)
     return cfg
 
 
-def _validate(cfg: Config) -> None:
-    """Cross-field and range checks that a type alone cannot express."""
+def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
+    """Range and choice checks that a type alone cannot express; the error names the source."""
     checks = [
-        (cfg.serve.broker in ("kafka", "pubsub"), "serve.broker must be `kafka` or `pubsub`"),
-        (cfg.serve.max_batch_size >= 1, "serve.max_batch_size must be at least 1"),
-        (cfg.serve.max_wait_ms >= 0, "serve.max_wait_ms must be 0 or more"),
-        (cfg.serve.log_format in ("text", "json"), "serve.log_format must be `text` or `json`"),
-        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (0.0 <= cfg.train.validation_split < 1.0, "train.validation_split must be in [0, 1)"),
-        (1 <= cfg.model.top_k <= 10, "model.top_k must be between 1 and 10"),
-        (cfg.imaging.invert in ("auto", "always", "never"),
-         "imaging.invert must be `auto`, `always` or `never`"),
-        (cfg.imaging.max_payload_bytes > 0, "imaging.max_payload_bytes must be positive"),
-        (cfg.kafka.partitions >= 1, "kafka.partitions must be at least 1"),
+        ("serve.broker", cfg.serve.broker in ("kafka", "pubsub"), "must be `kafka` or `pubsub`"),
+        ("serve.max_batch_size", cfg.serve.max_batch_size >= 1, "must be at least 1"),
+        ("serve.max_wait_ms", cfg.serve.max_wait_ms >= 0, "must be 0 or more"),
+        ("serve.log_format", cfg.serve.log_format in ("text", "json"), "must be `text` or `json`"),
+        ("serve.metrics_port", 0 <= cfg.serve.metrics_port <= 65535, "must be 0 (off) to 65535"),
+        ("train.epochs", cfg.train.epochs >= 1, "must be at least 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be at least 1"),
+        ("train.validation_split", 0.0 <= cfg.train.validation_split < 1.0, "must be in [0, 1)"),
+        ("train.limit", cfg.train.limit >= 0, "must be 0 (all) or more"),
+        ("model.top_k", 1 <= cfg.model.top_k <= 10, "must be between 1 and 10"),
+        ("model.filters", bool(cfg.model.filters) and min(cfg.model.filters) >= 1,
+         "must list at least one stage, each with 1 or more filters"),
+        ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
+        ("imaging.invert", cfg.imaging.invert in ("auto", "always", "never"),
+         "must be `auto`, `always` or `never`"),
+        ("imaging.max_payload_bytes", cfg.imaging.max_payload_bytes > 0, "must be positive"),
+        ("kafka.partitions", cfg.kafka.partitions >= 1, "must be at least 1"),
+        ("data.download_timeout_s", cfg.data.download_timeout_s > 0, "must be positive"),
     ]
-    for ok, message in checks:
+    for dotted, ok, message in checks:
         if not ok:
-            raise ConfigError(f"Invalid config: {message}.",
-                              "Fix it in your config file, environment or flags.")
+            section, _, key = dotted.partition(".")
+            value = getattr(getattr(cfg, section), key)
+            source = (origins or {}).get(dotted, "the built-in defaults")
+            raise ConfigError(f"Invalid config: {dotted} {message}, got {value!r} (from {source}).",
+                              "Fix it in that file, variable or flag; `fmnist config` shows the "
+                              "effective values.")
 
 
 def as_dict(cfg: Config, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:

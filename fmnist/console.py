@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -38,9 +39,10 @@ def print_json_line(data: Any) -> None:
 
 
 def error(message: str, hint: str | None = None) -> None:
-    err.print(f"[bold red]Error:[/] {message}", highlight=False)
+    # soft_wrap: a path or address in an error must stay on one line to be copied.
+    err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
-        err.print(f"[yellow]Hint:[/] {hint}", highlight=False)
+        err.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:

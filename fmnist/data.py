@@ -18,10 +18,13 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import http.client
 import io
+import re
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,23 +118,35 @@ def read_idx(raw: bytes, name: str) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
         raise DataError(f"{name} is not an unsigned-byte IDX file (bad magic number).", HINT)
     header_end = 4 + 4 * ndim
+    if len(raw) < header_end:
+        raise DataError(f"{name} is truncated: {len(raw)} bytes is shorter than its "
+                        f"{header_end}-byte header.", HINT)
     dims = struct.unpack(f">{ndim}I", raw[4:header_end])
-    expected = int(np.prod(dims)) + header_end
+    expected = int(np.prod(dims, dtype=np.int64)) + header_end
     if len(raw) != expected:
         raise DataError(f"{name} is truncated or padded: {len(raw)} bytes, its header promises "
                         f"{expected}.", HINT)
     return np.frombuffer(raw, dtype=np.uint8, offset=header_end).reshape(dims)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, compressed: bool | None = None) -> bytes:
+    """The decompressed content of ``path``; gzip unless told otherwise when it ends in .gz."""
+    if compressed is None:
+        compressed = path.name.endswith(".gz")
     try:
-        return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"Cannot read {path}: {exc}.", HINT) from None
+    if not compressed:
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise DataError(f"{path} is not a readable gzip file ({exc}); it is corrupt or was cut "
                         "short.", f"Delete it and fetch it again. {HINT}") from None
 
 
-def _verify(name: str, raw: bytes, where: Path) -> str:
+def _verify(name: str, raw: bytes, where: str | Path) -> str:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != IDX_SHA256[name]:
         raise DataError(f"{where} fails its SHA-256 check (got {digest[:12]}…, expected "
@@ -152,42 +167,47 @@ def load_split(split: str, source: Source) -> Split:
         if path is None:
             raise DataError(f"{name} is missing from {source.directory}.", HINT)
         raw = _read_bytes(path)
+        arrays[kind] = read_idx(raw, str(path))  # a cut or padded file says so, not just "checksum"
         sums[name] = _verify(name, raw, path)
-        arrays[kind] = read_idx(raw, str(path))
     images, labels = arrays["images"], arrays["labels"]
-    if images.shape[1:] != (28, 28) or len(images) != len(labels):
+    if images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{split} images {images.shape} and labels {labels.shape} do not match.")
     return Split(images, labels, sums)
 
 
-def _load_csv(path: Path, split: str) -> Split:
-    """The Kaggle layout: a header row, then `label,pixel1..pixel784` per image."""
+def _load_csv(path: Path, split: str, expected_rows: int | None = None) -> Split:
+    """The Kaggle layout: a header row, then `label,pixel1..pixel784` per image.
+
+    ``expected_rows`` defaults to the size of ``split``; a file with fewer rows is truncated.
+    Parsed by NumPy's C reader: the 60k-row training file is 130 MB of text.
+    """
+    expected = SPLIT_SIZES[split] if expected_rows is None else expected_rows
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"Cannot read {path}: {exc}.", HINT) from None
-    reader = csv.reader(io.StringIO(raw.decode("ascii", errors="replace")))
-    header = next(reader, None)
-    if not header or header[0] != "label" or len(header) != 785:
+    text = raw.decode("ascii", errors="replace")
+    header = next(csv.reader(io.StringIO(text.partition("\n")[0])), None)
+    if not header or header[0].strip() != "label" or len(header) != 785:
         raise DataError(f"{path} is not a Fashion-MNIST CSV: the header must be "
                         "`label,pixel1,...,pixel784`.", HINT)
-    rows = []
-    for line_no, row in enumerate(reader, start=2):
-        if not row:
-            continue
-        if len(row) != 785:
-            raise DataError(f"{path}:{line_no} has {len(row)} columns, expected 785; the file is "
-                            "truncated or corrupt.", HINT)
-        rows.append(row)
-    try:
-        table = np.array(rows, dtype=np.int64)
-    except ValueError:
-        raise DataError(f"{path} holds a value that is not a whole number.", HINT) from None
+    if not text.partition("\n")[2].strip():
+        table = np.zeros((0, 785), dtype=np.int32)
+    else:
+        try:
+            table = np.loadtxt(io.StringIO(text), delimiter=",", quotechar='"', skiprows=1,
+                               dtype=np.int32, ndmin=2)
+        except ValueError as exc:
+            reason = str(exc).split(";")[0]  # drop NumPy's advice to use `usecols`
+            raise DataError(f"{path} is truncated or corrupt: {reason}.", HINT) from None
+    if table.shape[1] != 785:
+        raise DataError(f"{path} has {table.shape[1]} columns, expected 785 (label + 784 "
+                        "pixels).", HINT)
     if table.size and (table.min() < 0 or table[:, 1:].max() > 255 or table[:, 0].max() > 9):
         raise DataError(f"{path} holds a label outside 0..9 or a pixel outside 0..255.", HINT)
-    if len(table) != SPLIT_SIZES[split]:
+    if len(table) != expected:
         raise DataError(f"{path} holds {len(table)} images; the {split} split has "
-                        f"{SPLIT_SIZES[split]}. The file is truncated.", HINT)
+                        f"{expected}. The file is truncated.", HINT)
     digest = hashlib.sha256(raw).hexdigest()
     return Split(table[:, 1:].astype(np.uint8).reshape(-1, 28, 28),
                  table[:, 0].astype(np.uint8), {path.name: digest})
@@ -195,17 +215,23 @@ def _load_csv(path: Path, split: str) -> Split:
 
 def download(mirror_url: str, target: Path, timeout_s: float = 30.0,
              progress: Progress | None = None) -> None:
-    """Fetch the four ``.gz`` files; resume ``.part`` files; verify before renaming into place."""
+    """Fetch the four ``.gz`` files; resume ``.part`` files; verify before renaming into place.
+
+    A file already in ``target`` is kept as it is (``load_split`` verifies it). ``timeout_s``
+    bounds each connect and each read, so a stalled server fails instead of hanging.
+    """
     target.mkdir(parents=True, exist_ok=True)
     for name in IDX_FILES.values():
         final = target / f"{name}.gz"
         if final.is_file():
             continue
-        part = final.with_suffix(".gz.part")
+        part = target / f"{name}.gz.part"
         url = mirror_url.rstrip("/") + f"/{name}.gz"
         _fetch(url, part, timeout_s, progress)
         try:
-            _verify(name, _read_bytes(part), Path(url))
+            raw = _read_bytes(part, compressed=True)
+            read_idx(raw, url)
+            _verify(name, raw, url)
         except DataError:
             part.unlink(missing_ok=True)  # a bad .part must not be resumed next time
             raise
@@ -213,14 +239,27 @@ def download(mirror_url: str, target: Path, timeout_s: float = 30.0,
 
 
 def _fetch(url: str, part: Path, timeout_s: float, progress: Progress | None) -> None:
-    done = part.stat().st_size if part.exists() else 0
+    """Bring ``part`` up to the whole of ``url``, resuming with a Range request if it exists.
+
+    A cut connection, a timeout or an HTTP error raises ``DataError`` and leaves ``part`` for the
+    next attempt to resume. A server that ignores Range (200) sends the whole file: start over.
+    """
+    done = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            if done and response.status != 206:  # server ignored Range: start over
+            total: int | None
+            if done and response.status == 206:
+                start, total = _content_range(response.headers.get("Content-Range"))
+                if start != done:
+                    part.unlink()
+                    raise DataError(f"Download of {url} failed: asked to resume at byte {done}, "
+                                    f"the server answered from byte {start}.",
+                                    "The partial file was deleted; run the command again.")
+            else:
                 done = 0
-            length = response.headers.get("Content-Length")
-            total = done + int(length) if length else None
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
             with part.open("ab" if done else "wb") as out:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
@@ -228,14 +267,28 @@ def _fetch(url: str, part: Path, timeout_s: float, progress: Progress | None) ->
                     if progress:
                         progress(part.name.removesuffix(".part"), done, total)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416:  # the .part is already complete
+        exc.close()
+        if exc.code == 416 and done:  # nothing left after byte `done`: verification decides
             return
-        raise DataError(f"Download of {url} failed: HTTP {exc.code}.",
-                        "Check `data.mirror_url` (FMNIST_DATA__MIRROR_URL) or try again later.") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"Download of {url} failed: {getattr(exc, 'reason', exc)}.",
+        raise DataError(f"Download of {url} failed: HTTP {exc.code} {exc.reason}.",
+                        "Check `data.mirror_url` (FMNIST_DATA__MIRROR_URL) or try again later."
+                        ) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise DataError(f"Download of {url} failed: {getattr(exc, 'reason', exc)!s}.",
                         "Check your network and `data.mirror_url`; run the command again to "
                         "resume where it stopped.") from None
+    if total is not None and done < total:  # http.client returns b"" when a connection drops
+        raise DataError(f"Download of {url} stopped after {done} of {total} bytes.",
+                        "Run the command again to resume where it stopped.")
+
+
+def _content_range(value: str | None) -> tuple[int, int | None]:
+    """Start and total size from ``bytes START-END/TOTAL`` (TOTAL may be ``*``)."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
+    if not match:
+        raise DataError(f"The server answered a resume request with a bad Content-Range "
+                        f"{value!r}.", "Delete the .part file and try again.")
+    return int(match[1]), None if match[2] == "*" else int(match[2])
 
 
 def describe(source: Source) -> dict[str, object]:

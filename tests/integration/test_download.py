@@ -60,7 +60,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if mirror.stall is not None:
             mirror.stall.wait(timeout=30)
         body = mirror.files.get(name)
-        if body is None or not self.path.startswith("/mirror/"):
+        if body is None or self.path != f"/mirror/{name}.gz":
             self.send_error(404)
             return
         start = 0
@@ -109,7 +109,8 @@ def mirror(served_copy: Path) -> Iterator[Mirror]:
     files = {name: (served_copy / f"{name}.gz").read_bytes() for name in NAMES}
     server = MirrorServer(("127.0.0.1", 0), MirrorHandler)
     server.mirror = Mirror(f"http://127.0.0.1:{server.server_address[1]}/mirror/", files)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
     thread.start()
     yield server.mirror
     if server.mirror.stall is not None:
@@ -353,4 +354,7 @@ def test_cli_data_download_from_a_bad_mirror_is_exit_3(mirror: Mirror, tmp_path:
         "FMNIST_DATA__DATA_DIR": str(tmp_path / "fetched"),
     })
     assert result.exit_code == 3
-    assert "HTTP 404" in result.stderr and "Traceback" not in result.output
+    stderr = " ".join(result.stderr.split())  # rich wraps at the console width
+    assert f"{mirror.url}missing/train-images-idx3-ubyte.gz failed: HTTP 404" in stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "fetched").exists() or list((tmp_path / "fetched").iterdir()) == []
