@@ -55,15 +55,15 @@ class ModelConfig:
     name: str = "fmnist"
     weights_dir: Path = Path("weights")
     filters: tuple[int, ...] = (32, 64, 128)
-    convs_per_stage: int = 1
+    convs_per_stage: int = 2
     dense_units: int = 256
-    dropout: float = 0.3
+    dropout: float = 0.25
     top_k: int = 3
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 128
     learning_rate: float = 0.002
     weight_decay: float = 0.02

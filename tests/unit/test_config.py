@@ -30,7 +30,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_each_layer_overrides_the_one_below(fmnist_home: Path, tmp_path: Path) -> None:
-    assert config.load(env={}).train.epochs == config.TrainConfig().epochs == 20
+    assert config.load(env={}).train.epochs == config.TrainConfig().epochs == 12
     write(fmnist_home / "configs" / "default.yaml", "train:\n  epochs: 21\n")
     assert config.load(env={}).train.epochs == 21
     user = write(tmp_path / "user.yaml", "train:\n  epochs: 22\n")
@@ -62,7 +62,7 @@ def test_env_defaults_to_the_process_environment(fmnist_home: Path,
 
 def test_use_default_file_false_skips_default_yaml(fmnist_home: Path) -> None:
     write(fmnist_home / "configs" / "default.yaml", "train:\n  epochs: 21\n")
-    assert config.load(env={}, use_default_file=False).train.epochs == 20
+    assert config.load(env={}, use_default_file=False).train.epochs == 12
 
 
 def test_fmnist_variables_without_a_section_are_not_config(fmnist_home: Path) -> None:
@@ -130,7 +130,7 @@ def test_empty_file_and_empty_section_are_no_op_layers(fmnist_home: Path, tmp_pa
     assert config.load(write(tmp_path / "a.yaml", ""), env={}) == config.load(env={})
     commented = write(tmp_path / "b.yaml", "train:\n  # epochs: 3\nmodel:\n  top_k: 5\n")
     cfg = config.load(commented, env={})
-    assert (cfg.train.epochs, cfg.model.top_k) == (20, 5)
+    assert (cfg.train.epochs, cfg.model.top_k) == (12, 5)
 
 
 @pytest.mark.parametrize(("name", "value", "fragment"), [
@@ -363,7 +363,7 @@ def test_default_yaml_equals_the_typed_defaults(clean_env: pytest.MonkeyPatch) -
     typed = config.load(env={}, use_default_file=False)
     assert config.as_dict(from_yaml, mask_secrets=False) == config.as_dict(typed,
                                                                            mask_secrets=False)
-    assert (typed.train.epochs, typed.train.weight_decay) == (20, 0.02)
+    assert (typed.train.epochs, typed.train.weight_decay) == (12, 0.02)
     assert config.Config().imaging.max_pixels == 4096 * 4096
 
 
@@ -401,7 +401,7 @@ def test_cli_config_json_is_valid_json_with_secrets_masked(fmnist_home: Path) ->
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed["kafka"]["sasl_password"] == "***"
-    assert printed["train"]["epochs"] == 20
+    assert printed["train"]["epochs"] == 12
     assert "hunter2" not in result.output
 
 
