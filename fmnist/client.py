@@ -187,18 +187,22 @@ def dead_letters(broker: Broker, cfg: Config, count: int | None, timeout_s: floa
         broker.ensure_topics([cfg.broker.dlq_topic])
     group = None if broker.name == "kafka" else cfg.pubsub.dlq_subscription
     reader = broker.consumer(cfg.broker.dlq_topic, group=group, from_beginning=True)
-    shown = 0
+    held: list[Message] = []
+    seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     try:
-        while (count is None or shown < count) and (left := deadline - time.monotonic()) > 0:
+        while (count is None or len(seen) < count) and (left := deadline - time.monotonic()) > 0:
             batch = reader.next_batch(100, timeout_s=min(left, 0.5))
-            reader.redeliver(batch)  # only looking: leave them for whoever handles the DLQ
+            held.extend(batch)
             for message in batch:
+                if message.source_id in seen or (count is not None and len(seen) >= count):
+                    continue
+                seen.add(message.source_id)
                 h = message.headers
-                shown += 1
                 yield {"request_id": h.get("dlq_request_id"), "code": h.get("dlq_error_code"),
                        "message": h.get("dlq_error_message"), "source": h.get("dlq_source"),
-                       "worker_id": h.get("dlq_worker_id"), "time_ms": _int_or_none(h.get("dlq_time")),
-                       "bytes": len(message.value)}
+                       "worker_id": h.get("dlq_worker_id"),
+                       "time_ms": _int_or_none(h.get("dlq_time")), "bytes": len(message.value)}
     finally:
+        reader.redeliver(held)  # only looking: leave them for whoever handles the DLQ
         reader.close()

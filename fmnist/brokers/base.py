@@ -74,7 +74,9 @@ class Broker(Protocol):
 
         ``group`` given: a shared, committed position (Kafka consumer group, or the named Pub/Sub
         subscription) so several workers split the load and a restart resumes where the last
-        commit left off; a new group starts at the earliest message.
+        commit left off. A new Kafka group starts at the earliest retained message; a Pub/Sub
+        subscription holds what was published since it was created, which is why
+        ``ensure_topics`` creates ``<topic>-sub`` together with each topic.
         ``group`` None: a private reader that sees only messages published after it was created
         (or all retained ones with ``from_beginning``), used by clients waiting for answers.
         """

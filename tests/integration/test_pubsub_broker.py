@@ -88,6 +88,24 @@ def test_closing_gives_uncommitted_messages_back_before_the_ack_deadline(
     second.commit(got)
 
 
+def test_a_closed_consumer_leaves_no_stream_behind(pubsub: PubsubBroker) -> None:
+    """Regression: emulator 0.8.20 kept cancelled streams and pushed messages into them.
+
+    `scripts/pubsub.sh` runs it with a grpc shim that fixes this; without the shim, a consumer
+    opened after another one closed got nothing in about half the rounds.
+    """
+    topic, group = unique("req"), unique("g")
+    pubsub.ensure_topics([topic])
+    producer = pubsub.producer()
+    for round_ in range(4):
+        consumer = pubsub.consumer(topic, group=group)
+        producer.publish([OutMessage(topic, f"{round_}".encode())], timeout_s=10)
+        got = drain(consumer, 1, timeout=5)
+        assert [m.value for m in got] == [f"{round_}".encode()], f"round {round_}"
+        consumer.commit(got)
+        consumer.close()
+
+
 def test_consumers_of_one_group_split_the_messages(pubsub: PubsubBroker) -> None:
     topic, group = unique("req"), unique("g")
     pubsub.ensure_topics([topic])
