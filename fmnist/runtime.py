@@ -7,12 +7,34 @@ used ~1.2 of 2 cores; we size them to the machine (or to `threads` in the config
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 # Quiet TensorFlow's C++ start-up banner unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence what TensorFlow's C++ side prints while it loads (oneDNN and CUDA-probe lines
+    that absl writes before any log level applies). Python exceptions still surface, after
+    stderr is restored. FMNIST_TF_LOGS=1 shows everything."""
+    if os.environ.get("FMNIST_TF_LOGS") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def cpu_threads(requested: int = 0) -> int:
@@ -22,10 +44,14 @@ def cpu_threads(requested: int = 0) -> int:
 @cache
 def keras_module(threads: int = 0, deterministic: bool = False) -> Any:
     """Import Keras once, with the backend's thread pools set before any op runs."""
-    import keras
+    with quiet_native_stderr():
+        import keras
 
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA probe logs here, not at import
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
 
         n = cpu_threads(threads)
         tf.config.threading.set_intra_op_parallelism_threads(n)
