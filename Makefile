@@ -25,5 +25,6 @@ brokers-status:
 bench:            ## the benchmark suite (BENCHMARKS.md)
 	scripts/setup && .venv/bin/python benchmarks/bench.py
 
-lint:
+lint:            ## ruff on everything, mypy on the package
 	.venv/bin/ruff check fmnist tests scripts benchmarks
+	.venv/bin/mypy fmnist

@@ -166,7 +166,7 @@ def listen(broker: Broker, cfg: Config, count: int | None = None, timeout_s: flo
             batch = reader.next_batch(100, timeout_s=wait)
             for message in batch:
                 body = decode_response(message)
-                rid = body.get("request_id")
+                rid = str(body.get("request_id"))
                 if rid in seen:
                     continue
                 seen.add(rid)

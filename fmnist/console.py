@@ -17,6 +17,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -67,7 +68,7 @@ class TrainProgress:
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), console=err, transient=False)
-        self.epochs_task = self.batch_task = 0
+        self.epochs_task = self.batch_task = TaskID(0)
         self.epochs = 0
 
     def start(self, device: str, epochs: int, steps: int, summary: str) -> None:

@@ -252,7 +252,7 @@ def _open(payload: bytes, fmt: str, limit: int,
             image.draft("L", JPEG_DRAFT)
         image.load()  # first frame only; a truncated file raises here
         if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
-            image = ImageOps.exif_transpose(image)
+            image = ImageOps.exif_transpose(image)  # type: ignore[assignment]
         return _grey_and_alpha(image)
     except ImageError:
         raise

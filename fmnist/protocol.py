@@ -97,7 +97,7 @@ def parse_request(message: Message, response_topic: str) -> tuple[Request, Reque
                                                 f"{MAX_HEADER_VALUE} characters are accepted.")
     raw_id = headers.get(REQUEST_ID)
     derived = raw_id is None or not _REQUEST_ID_RE.match(raw_id)
-    request_id = message.source_id if derived else raw_id  # type: ignore[assignment]
+    request_id = message.source_id if derived or raw_id is None else raw_id
     if raw_id is not None and derived and error is None:
         error = RequestError("invalid_headers", "request_id must be 1-128 characters of "
                                                 "letters, digits and ._:/@+=-")

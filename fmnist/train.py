@@ -48,7 +48,7 @@ def augment(batch: np.ndarray, rng: np.random.Generator, shift: int = 2) -> np.n
 def _batches(images: np.ndarray, onehot: np.ndarray, batch_size: int, seed: int, aug: bool) -> Any:
     keras = keras_module()
 
-    class Batches(keras.utils.PyDataset):  # type: ignore[misc,name-defined]
+    class Batches(keras.utils.PyDataset):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ class _ReporterCallback:
     def __new__(cls, reporter: TrainReporter) -> Any:
         keras = keras_module()
 
-        class Callback(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
+        class Callback(keras.callbacks.Callback):  # type: ignore[name-defined]
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
                 self.epoch, self.t0 = epoch, time.perf_counter()
 

@@ -281,13 +281,13 @@ class KafkaTopicProducer:
             except kerr.KafkaError as exc:
                 failed.append((m, exc))
         if failed:
-            m, exc = failed[0]
+            m, first_error = failed[0]
             what = f"confirm {len(failed)} of {len(messages)} message(s) to {m.topic}"
-            if isinstance(exc, kerr.KafkaTimeoutError):
+            if isinstance(first_error, kerr.KafkaTimeoutError):
                 raise BrokerTimeout(f"Kafka at {self.broker.address} did not {what} within "
                                     f"{timeout_s:g} s.", "Is the broker up? "
                                     "`scripts/brokers up` starts the local one.")
-            raise self.broker.error(what, exc)
+            raise self.broker.error(what, first_error)
 
     def close(self) -> None:
         """Nothing to release: the producer belongs to the broker and closes with it."""

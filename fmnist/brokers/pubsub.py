@@ -273,18 +273,18 @@ class PubsubProducer:
             except Exception as exc:  # the future carries the RPC's error
                 failed.append((message, exc))
         if failed:
-            message, exc = failed[0]
-            if isinstance(exc, futures.TimeoutError):
+            message, first_error = failed[0]
+            if isinstance(first_error, futures.TimeoutError):
                 raise BrokerError(
                     f"Pub/Sub at {self.broker.address} did not confirm {len(failed)} of "
                     f"{len(messages)} message(s) within {timeout_s:g} s.",
                     "Is the broker up? `scripts/brokers up` starts the local emulator.")
-            if isinstance(exc, gexc.NotFound):
+            if isinstance(first_error, gexc.NotFound):
                 raise BrokerError(f"Pub/Sub topic {message.topic} does not exist "
                                   f"({len(failed)} of {len(messages)} message(s) not sent).",
                                   "Create it first (`broker.create_topics: true`).")
             raise self.broker.error(f"publish {len(failed)} of {len(messages)} message(s) "
-                                    f"to {message.topic}", exc)
+                                    f"to {message.topic}", first_error)
 
     def close(self) -> None:
         """Nothing to release: the client belongs to the broker and closes with it."""

@@ -72,7 +72,7 @@ def test_fmnist_variables_without_a_section_are_not_config(fmnist_home: Path) ->
 
 def test_train_full_profile_layers_over_the_defaults(clean_env: pytest.MonkeyPatch) -> None:
     cfg = config.load(SOURCE_ROOT / "configs" / "train-full.yaml", env={})
-    assert (cfg.model.name, cfg.model.convs_per_stage, cfg.train.epochs) == ("fmnist-full", 2, 30)
+    assert (cfg.model.name, cfg.model.convs_per_stage, cfg.train.epochs) == ("fmnist-full", 2, 24)
     assert cfg.train.batch_size == 128
     assert cfg.weights_path == SOURCE_ROOT / "weights" / "fmnist-full.keras"
 
