@@ -49,6 +49,7 @@ def _atomic_write(path: Path, write: Any, suffix: str) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be shared and served
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
