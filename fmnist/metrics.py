@@ -5,12 +5,15 @@
     /readyz    200 when the model is warm and the broker is connected (assignment held)
     /status    JSON summary, read by `fmnist status`
 
-Histograms are in seconds, as Prometheus conventions ask.
+Histograms are in seconds, as Prometheus conventions ask. Per-batch figures come from a Worker
+observer (``Metrics.observe``); what only the consumer knows (requests held, Kafka lag, that the
+loop still polls) comes from ``InstrumentedBroker``, which wraps the broker the worker is given.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +31,9 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
+LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: no round trip)
+
+log = logging.getLogger("fmnist.metrics")
 
 
 class Metrics:
@@ -57,6 +63,10 @@ class Metrics:
                                 ["name", "version"], registry=r)
         self.reloads = Counter("fmnist_model_reloads", "Hot reloads, by result.", ["result"],
                                registry=r)
+        self.last_beat = 0.0  # monotonic time the serve loop last polled or dialled the broker
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
 
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()
@@ -80,6 +90,8 @@ class Metrics:
                 self.end_to_end.observe(max(0.0, now - sent))
 
     def update_lag(self, lag: dict[tuple[str, int], int]) -> None:
+        """Replace every lag series: partitions a rebalance took away must not linger."""
+        self.lag.clear()
         for (topic, partition), value in lag.items():
             self.lag.labels(topic=topic, partition=str(partition)).set(value)
 
@@ -89,6 +101,92 @@ def _sent_at_s(message: Any) -> float | None:
         return int(message.headers["sent_at"]) / 1000
     except (KeyError, ValueError):
         return None
+
+
+class InstrumentedBroker:
+    """The broker as the worker sees it: the real one, with its consumers instrumented.
+
+    Everything runs on the serve loop's thread (vendor consumers are not thread-safe), so a
+    scrape never touches a client: it reads gauges the loop keeps current.
+    """
+
+    def __init__(self, broker: Any, metrics: Metrics) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        self.name = broker.name
+
+    def check(self, timeout_s: float) -> None:
+        self.metrics.beat()  # the loop is alive while it (re)connects, each step bounded
+        self.broker.check(timeout_s)
+
+    def ensure_topics(self, topics: list[str]) -> None:
+        self.metrics.beat()
+        self.broker.ensure_topics(topics)
+
+    def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
+                 max_in_flight: int = 1000) -> InstrumentedConsumer:
+        self.metrics.beat()
+        return InstrumentedConsumer(self.broker.consumer(topic, group, from_beginning,
+                                                         max_in_flight), self.metrics)
+
+    def producer(self) -> Any:
+        return self.broker.producer()
+
+    def close(self) -> None:
+        self.broker.close()
+
+
+class InstrumentedConsumer:
+    """Feeds ``fmnist_in_flight_requests`` (received, not yet committed or handed back), the
+    health heartbeat, and ``fmnist_kafka_consumer_lag`` when the consumer offers ``lag()``."""
+
+    def __init__(self, consumer: Any, metrics: Metrics) -> None:
+        self.consumer = consumer
+        self.metrics = metrics
+        self.held = 0
+        self._lag_at = 0.0
+
+    def next_batch(self, max_messages: int, timeout_s: float) -> list[Any]:
+        self.metrics.beat()
+        messages: list[Any] = self.consumer.next_batch(max_messages, timeout_s)
+        self._hold(len(messages))
+        self._refresh_lag()
+        return messages
+
+    def commit(self, messages: list[Any]) -> None:
+        try:
+            self.consumer.commit(messages)
+        finally:  # committed, or (on failure) to be delivered again: no longer ours either way
+            self._hold(-len(messages))
+
+    def redeliver(self, messages: list[Any]) -> None:
+        try:
+            self.consumer.redeliver(messages)
+        finally:
+            self._hold(-len(messages))
+
+    def close(self) -> None:
+        self._hold(-self.held)
+        self.metrics.lag.clear()
+        self.consumer.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else the adapter offers (assigned, lag)
+        return getattr(self.consumer, name)
+
+    def _hold(self, n: int) -> None:
+        self.held += n
+        self.metrics.in_flight.inc(n)
+
+    def _refresh_lag(self) -> None:
+        lag = getattr(self.consumer, "lag", None)
+        now = time.monotonic()
+        if lag is None or now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        try:
+            self.metrics.update_lag(lag())
+        except Exception as exc:  # a metric must never stop the serving
+            log.debug("consumer lag unavailable: %s", exc)
 
 
 class HealthServer:
@@ -125,7 +223,9 @@ class HealthServer:
         self.httpd.server_close()
 
     def alive(self) -> bool:
-        return time.monotonic() - self.worker.stats.last_loop < STUCK_AFTER_S
+        """The loop polled, or dialled the broker while retrying, within ``STUCK_AFTER_S``."""
+        last = max(self.worker.stats.last_loop, self.metrics.last_beat)
+        return time.monotonic() - last < STUCK_AFTER_S
 
     def ready(self) -> bool:
         return self.alive() and self.worker.stats.broker_state == "connected"

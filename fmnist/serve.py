@@ -15,7 +15,7 @@ from types import FrameType
 from fmnist import logs
 from fmnist.brokers.base import connect
 from fmnist.config import Config
-from fmnist.metrics import HealthServer, Metrics
+from fmnist.metrics import HealthServer, InstrumentedBroker, Metrics
 from fmnist.reload import Reloader
 from fmnist.worker import Worker, default_worker_id, group_for
 
@@ -47,10 +47,11 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     log.info("model %s@%s loaded and warmed in %.2f s", predictor.name, predictor.version,
              predictor.load_seconds)
     broker = connect(cfg.serve.broker, cfg)
-    worker = Worker(cfg, broker, predictor, group_for(cfg.serve.broker, cfg), worker_id)
-    install_signal_handlers(worker)
     metrics = Metrics(cfg.serve.broker)
     metrics.set_model(predictor.name, predictor.version)
+    worker = Worker(cfg, InstrumentedBroker(broker, metrics), predictor,
+                    group_for(cfg.serve.broker, cfg), worker_id)
+    install_signal_handlers(worker)
     worker.observers.append(metrics.observe)
     health = None
     if cfg.serve.metrics_port:
@@ -69,7 +70,7 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
              cfg.serve.broker, cfg.broker.request_topic, cfg.broker.response_topic, worker.group,
              cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
     status = None
-    if live_status:
+    if live_status and cfg.serve.log_format != "json":  # a status line has no place in JSON
         from fmnist.console import ServeStatus
 
         status = ServeStatus(worker.stats, cfg.serve.broker)
@@ -84,6 +85,3 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
             health.stop()
         broker.close()
     log.info("stopped after %d requests (%d errors)", worker.stats.processed, worker.stats.errors)
-
-
-

@@ -416,6 +416,18 @@ class KafkaTopicConsumer:
         """The partitions this consumer reads now (a group member's changes with rebalances)."""
         return {tp.partition for tp in self._consumer.assignment()}
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages behind the end of each assigned partition: the last known high watermark
+        minus our position. No broker round trip; partitions whose end is not known yet are
+        left out. Call it from the thread that polls (kafka-python is not thread-safe)."""
+        lag = {}
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            position = self._consumer.position(tp, timeout_ms=0)
+            if end is not None and position is not None:
+                lag[(tp.topic, tp.partition)] = max(0, end - position)
+        return lag
+
     def _owned(self, messages: list[Message]) -> dict[Any, list[tuple[int, int]]]:
         """(offset, leader epoch) of the messages per partition still assigned to us; those of
         partitions a rebalance took away are logged and left to their new owner."""

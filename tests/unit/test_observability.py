@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 import urllib.error
 import urllib.request
 
+from prometheus_client import generate_latest
+
 from fmnist.errors import ModelError
 from fmnist.logs import JsonFormatter
-from fmnist.metrics import HealthServer, Metrics
+from fmnist.metrics import HealthServer, InstrumentedConsumer, Metrics
 from fmnist.reload import Reloader
 from tests.fakes import BrightnessPredictor
-from tests.unit.test_worker import RES, cfg, make_worker, png, request  # noqa: F401
+from tests.unit.test_worker import REQ, RES, cfg, make_worker, png, request  # noqa: F401
 
 
 def get(url: str) -> tuple[int, str]:
@@ -102,3 +106,47 @@ def test_json_logs_carry_event_level_worker_and_request_id() -> None:
     assert line["event"] == "bad x" and line["level"] == "warning"
     assert line["worker_id"] == "w-9" and line["request_id"] == "r-1"
     assert line["ts"].endswith("Z")
+
+
+def test_in_flight_counts_received_until_committed_and_lag_is_fed(cfg) -> None:  # noqa: F811
+    worker, broker, consumer, producer = make_worker(cfg)
+    metrics = Metrics("memory")
+    consumer.lag = lambda: {(REQ, 0): 3}  # the memory double has no lag() of its own
+    wrapped = InstrumentedConsumer(consumer, metrics)
+    producer.publish([request(png(30), f"r{i}") for i in range(5)], 1)
+    got = wrapped.next_batch(5, 0.1)
+    text = generate_latest(metrics.registry).decode()
+    assert sample(text, "fmnist_in_flight_requests") == 5
+    assert sample(text, 'fmnist_kafka_consumer_lag{partition="0",topic="req_predict"}') == 3
+    wrapped.commit(got[:3])
+    wrapped.redeliver(got[3:])
+    assert sample(generate_latest(metrics.registry).decode(), "fmnist_in_flight_requests") == 0
+    wrapped.close()
+    assert "fmnist_kafka_consumer_lag{" not in generate_latest(metrics.registry).decode()
+    assert metrics.last_beat > 0
+
+
+def test_a_change_is_loaded_once_after_it_settles_and_sighup_forces_one(tmp_path) -> None:
+    weights = tmp_path / "m.keras"
+    weights.write_bytes(b"v1")
+    (tmp_path / "m.meta.json").write_text("{}")
+    loads = []
+    done = threading.Event()
+
+    def load(path):
+        loads.append(path.read_bytes())
+        done.set()
+        return BrightnessPredictor()
+
+    reloader = Reloader(weights, load, lambda p: None, interval_s=0.05).start()
+    try:
+        (tmp_path / "m.meta.json").write_text('{"v": 2}')
+        weights.write_bytes(b"v2")
+        assert done.wait(5)
+        time.sleep(0.3)  # several more polls: no second load of the same files
+        assert loads == [b"v2"]
+        done.clear()
+        reloader.request()
+        assert done.wait(5) and loads == [b"v2", b"v2"]
+    finally:
+        reloader.stop()
