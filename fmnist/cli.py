@@ -298,7 +298,7 @@ def render_answers(results: list[dict[str, Any]], with_file: bool = False) -> No
     columns = ["request_id", *(["file"] if with_file else []), "class", "confidence",
                "latency ms", "model"]
     console.table(None, columns, [
-        [r.get("request_id"), *([r.get("file")] if with_file else []),
+        [r.get("request_id"), *([Path(r.get("file") or "").name] if with_file else []),
          r.get("class_name") or f"error: {(r.get('error') or {}).get('code')}",
          f"{r['confidence']:.3f}" if r.get("confidence") is not None else "-",
          r.get("round_trip_ms", r.get("received_latency_ms")) or "-",

@@ -25,8 +25,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)
+# Piped output gets a fixed, wide width instead of rich's 80 columns, so ids and paths in
+# tables are not cut; a terminal keeps its own width.
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def print_json(data: Any) -> None:
