@@ -20,8 +20,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -38,6 +36,7 @@ from fmnist import artifacts, config, protocol
 from fmnist.brokers.base import Message, OutMessage, connect
 from fmnist.metrics import STUCK_AFTER_S
 from fmnist.model import CLASS_NAMES
+from tests.helpers import http_get as get
 from tests.helpers import poll_until
 from tests.integration.conftest import FMNIST, ROOT, Topics, WorkerProcess
 
@@ -55,14 +54,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:  # not listening yet
-        return 0, str(exc)
 
 
 class Scrape:

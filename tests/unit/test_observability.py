@@ -6,8 +6,6 @@ import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 
 from prometheus_client import generate_latest
 
@@ -16,15 +14,8 @@ from fmnist.logs import JsonFormatter
 from fmnist.metrics import HealthServer, InstrumentedConsumer, Metrics
 from fmnist.reload import Reloader
 from tests.fakes import BrightnessPredictor
+from tests.helpers import http_get as get
 from tests.unit.test_worker import REQ, RES, cfg, make_worker, png, request  # noqa: F401
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def sample(text: str, name: str) -> float:
