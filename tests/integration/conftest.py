@@ -125,3 +125,4 @@ def start_worker(tmp_path):
         if worker.proc.poll() is None:
             worker.proc.kill()
             worker.proc.wait()
+        worker.log.close()
