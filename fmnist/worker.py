@@ -30,6 +30,8 @@ from fmnist.config import Config
 from fmnist.errors import BrokerError, ImageError
 
 log = logging.getLogger("fmnist.worker")
+_PROTOCOL_HEADERS = (protocol.REQUEST_ID, protocol.CONTENT_TYPE, protocol.SENT_AT,
+                     protocol.REPLY_TO, protocol.TRACEPARENT)
 
 
 def default_worker_id() -> str:
@@ -149,10 +151,31 @@ class Worker:
                                          inference_ms=None if error else inference_ms,
                                          prediction=prediction, error=error, body=body))
             if error:
-                out.append(protocol.dead_letter(request, error, cfg.broker.dlq_topic,
-                                                self.worker_id))
+                out.append(self._dead_letter(request, error))
             outcomes.append(error.code if error else "ok")
         return BatchResult(out, outcomes, inference_ms)
+
+    def _dead_letter(self, request: protocol.Request, error: protocol.RequestError
+                     ) -> OutMessage:
+        """``protocol.dead_letter``, bounded so that the broker always takes it.
+
+        A dead letter the broker refuses fails its whole batch, which is then delivered again
+        and refused again, forever: one oversized request would stall the worker. So the letter
+        keeps at most ``imaging.max_payload_bytes`` of the payload (only a request over that
+        limit has more; ``dlq_payload_bytes`` says how long it was, ``dlq_source`` where the
+        whole of it is) and at most ``MAX_HEADERS`` of the original headers (the protocol's
+        own first), each within Pub/Sub's attribute limits (256-byte name, 1024-byte value).
+        Under Kafka's default 1 MiB and Pub/Sub's 10 MB message limits.
+        """
+        letter = protocol.dead_letter(request, error, self.cfg.broker.dlq_topic, self.worker_id)
+        cap = self.cfg.imaging.max_payload_bytes
+        original = [(k, v) for k, v in letter.headers.items() if not k.startswith("dlq_")
+                    and len(k.encode()) <= 256 and len(v.encode()) <= protocol.MAX_HEADER_VALUE]
+        original.sort(key=lambda kv: kv[0] not in _PROTOCOL_HEADERS)  # stable: wire order
+        headers = dict(original[:protocol.MAX_HEADERS])
+        headers.update((k, v) for k, v in letter.headers.items() if k.startswith("dlq_"))
+        headers["dlq_payload_bytes"] = str(len(letter.value))
+        return OutMessage(letter.topic, letter.value[:cap], key=letter.key, headers=headers)
 
     def _decode(self, request: protocol.Request) -> tuple[str | None, np.ndarray]:
         """Pixels [k, 28, 28] of one request: an image file, or an OIP tensor body."""

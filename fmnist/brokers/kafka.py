@@ -21,7 +21,8 @@ delivers those messages again: at-least-once).
 kafka-python 3.0.12 quirks handled here: ``flush()`` does not raise for failed sends (we wait
 on every future); its import warns (DeprecationWarning, silenced); a failed connect leaks its
 socket (``check`` probes with a plain TCP connect first); a group member can wedge in a
-rebalance (``KafkaTopicConsumer._heal``).
+rebalance (``KafkaTopicConsumer._heal``); the idempotent producer can wedge when the broker
+restarts (``KafkaBroker.discard_producer``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ with warnings.catch_warnings():
         TopicPartition,
     )
     from kafka import errors as kerr
+    from kafka.admin import OffsetSpec
     from kafka.structs import MemberState
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,22 @@ class KafkaBroker:
                 self._producer = producer
             return self._producer
 
+    def discard_producer(self, producer: Any) -> None:
+        """Forget a producer whose sends were not confirmed; the next publish makes a new one.
+
+        kafka-python 3.0.12's idempotent producer can wedge for good when the broker restarts
+        under it: it drops its producer id with batches queued for retry and never sends them
+        again (every later publish times out). What the old producer still holds is abandoned;
+        its publish has failed, so the caller sends it again (the worker redelivers the batch).
+        """
+        with self._lock:
+            if self._producer is producer:
+                self._producer = None
+        try:
+            producer.close(timeout=0)
+        except kerr.KafkaError:  # close() flushes first, which a wedged producer cannot do:
+            producer._sender.force_close()  # fail what it holds, stop its I/O thread
+
     def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``; BrokerError when it does not exist."""
         with self.translated(f"describe topic {topic}"):
@@ -168,6 +186,23 @@ class KafkaBroker:
             raise BrokerError(f"Kafka topic {topic} does not exist at {self.address}.",
                               "Create it first (`broker.create_topics: true` does that on start).")
         return sorted(p["partition_index"] for p in found["partitions"])
+
+    def group_lag(self, group: str, topic: str) -> dict[int, int]:
+        """Per partition of ``topic``, how many messages ``group`` has not committed: the end
+        offset minus the committed one (from the first retained message where the group has
+        no commit). Asked of the broker, so it covers every member of the group."""
+        tps = [TopicPartition(topic, p) for p in self.partitions(topic)]
+        admin = self.admin()
+        with self.translated(f"read the offsets of group {group} on {topic}"):
+            committed = admin.list_group_offsets({group: tps}).get(group, {})
+            ends = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps})
+            starts = admin.list_partition_offsets({tp: OffsetSpec.EARLIEST for tp in tps})
+        lag = {}
+        for tp in tps:
+            done = committed.get(tp)
+            position = done.offset if done is not None and done.offset >= 0 else starts[tp].offset
+            lag[tp.partition] = max(0, ends[tp].offset - position)
+        return lag
 
     # -- the Broker interface ----------------------------------------------------------------
 
@@ -281,6 +316,7 @@ class KafkaTopicProducer:
             except kerr.KafkaError as exc:
                 failed.append((m, exc))
         if failed:
+            self.broker.discard_producer(producer)
             m, first_error = failed[0]
             what = f"confirm {len(failed)} of {len(messages)} message(s) to {m.topic}"
             if isinstance(first_error, kerr.KafkaTimeoutError):

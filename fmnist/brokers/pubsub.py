@@ -47,7 +47,8 @@ READER_TTL_S = 24 * 3600  # the shortest expiration Pub/Sub accepts
 CLOSE_TIMEOUT_S = 5.0
 _RETRYABLE = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.Aborted,
               gexc.InternalServerError, gexc.ResourceExhausted, gexc.Unknown)
-# Keyword names of PublisherClient.publish: an attribute with one of these names cannot be sent.
+# Keyword names of PublisherClient.publish: an attribute with one of these names cannot be sent
+# through it (PubsubProducer._direct sends such messages).
 _RESERVED_ATTRIBUTES = frozenset({"topic", "data", "ordering_key", "retry", "timeout"})
 
 
@@ -256,12 +257,11 @@ class PubsubProducer:
         ``key`` is not sent (no ordering keys: they serialize a key's messages); headers become
         attributes.
         """
-        for m in messages:
-            if clash := _RESERVED_ATTRIBUTES & m.headers.keys():
-                raise ValueError(f"Header name(s) {sorted(clash)} cannot be Pub/Sub attributes.")
         publisher = self.broker.publisher()
         deadline = time.monotonic() + timeout_s
-        pending = [publisher.publish(self.broker.topic_path(m.topic), m.value,
+        pending = [self._direct(publisher, m, timeout_s)
+                   if _RESERVED_ATTRIBUTES & m.headers.keys() else
+                   publisher.publish(self.broker.topic_path(m.topic), m.value,
                                      retry=_retry(timeout_s), timeout=timeout_s, **m.headers)
                    for m in messages]
         failed: list[tuple[OutMessage, BaseException]] = []
@@ -286,6 +286,20 @@ class PubsubProducer:
             raise self.broker.error(f"publish {len(failed)} of {len(messages)} message(s) "
                                     f"to {message.topic}", first_error)
 
+    def _direct(self, publisher: Any, m: OutMessage, timeout_s: float) -> futures.Future[Any]:
+        """One unbatched Publish RPC, for a message with an attribute named like a keyword of
+        the client's ``publish()`` (``topic``, ``data``, ...), which that call cannot take. Other
+        clients may send such attributes; a dead letter copies them and must still go out."""
+        done: futures.Future[Any] = futures.Future()
+        try:
+            done.set_result(publisher.api.publish(
+                topic=self.broker.topic_path(m.topic),
+                messages=[{"data": m.value, "attributes": m.headers}],
+                retry=_retry(timeout_s), timeout=timeout_s))
+        except Exception as exc:  # reported with the others, below
+            done.set_exception(exc)
+        return done
+
     def close(self) -> None:
         """Nothing to release: the client belongs to the broker and closes with it."""
 
@@ -308,7 +322,11 @@ class PubsubConsumer:
                                                     thread_name_prefix="fmnist-pubsub")
         self._stream = self._client.subscribe(
             subscription, callback=self._arrived,
-            flow_control=pubsub_v1.types.FlowControl(max_messages=max_in_flight),
+            # The stream's ack deadline is pubsub.ack_deadline_s, not the client library's 60 s
+            # default: what a worker killed with messages in hand holds up that long.
+            flow_control=pubsub_v1.types.FlowControl(
+                max_messages=max_in_flight,
+                max_duration_per_lease_extension=broker.cfg.pubsub.ack_deadline_s),
             scheduler=ThreadScheduler(executor=self._executor))
         self._stream.add_done_callback(lambda _: self._wake())
 
