@@ -219,3 +219,18 @@ def test_malformed_oip_bodies_get_oip_errors_and_dead_letters(cfg, body, fragmen
     assert message.headers["error_code"] == "invalid_request"
     assert by_id["fine"][1]["label"] == 1
     assert [m.headers["dlq_error_code"] for m in broker.topics[DLQ]] == ["invalid_request"]
+
+
+def test_dead_letters_are_bounded_so_the_broker_always_takes_them(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    cap = cfg.imaging.max_payload_bytes
+    headers = {f"h{i:03d}": "v" for i in range(200)}
+    headers["request_id"] = "big"
+    producer.publish([OutMessage(REQ, b"\x89PNG" + b"\0" * (cap + 5000), headers=headers)], 1)
+    worker.serve_once(consumer, producer)
+    (letter,) = broker.topics[DLQ]
+    assert len(letter.value) == cap
+    assert letter.headers["dlq_payload_bytes"] == str(cap + 5004)
+    assert letter.headers["dlq_error_code"] == "payload_too_large"
+    assert letter.headers["request_id"] == "big"  # protocol headers kept first
+    assert len([k for k in letter.headers if not k.startswith("dlq_")]) <= 64
