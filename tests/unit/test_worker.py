@@ -231,6 +231,6 @@ def test_dead_letters_are_bounded_so_the_broker_always_takes_them(cfg) -> None:
     (letter,) = broker.topics[DLQ]
     assert len(letter.value) == cap
     assert letter.headers["dlq_payload_bytes"] == str(cap + 5004)
-    assert letter.headers["dlq_error_code"] == "payload_too_large"
+    assert letter.headers["dlq_error_code"] == "invalid_headers"  # 201 headers: checked first
     assert letter.headers["request_id"] == "big"  # protocol headers kept first
     assert len([k for k in letter.headers if not k.startswith("dlq_")]) <= 64
