@@ -150,6 +150,9 @@ def run_once(args: argparse.Namespace, broker: str, kind: str, workers: int,
         result["saturation"] = sat = gen.burst(args.burst, max(60, args.burst / 20))
         after, wall = cpu_snapshot(pids), time.monotonic() - wall
         sat["cpu_cores_busy"] = {k: (after[k] - before[k]) / wall for k in pids}
+        # Everything else on the machine (another test run, a training): should be ~0.
+        sat["cpu_cores_busy"]["other"] = max(0.0, (after["machine"] - before["machine"]) / wall
+                                             - sum(sat["cpu_cores_busy"].values()))
         sat["cpu_ms_per_request"] = {k: 1000 * (after[k] - before[k]) / max(1, sat["answered"])
                                      for k in pids}
         result["rates"] = [gen.paced(r, args.seconds) for r in args.rates]
@@ -181,7 +184,8 @@ def broker_pid(broker: str, overrides: dict[str, str]) -> int | None:
 
 def cpu_snapshot(pids: dict[str, list[int | None]]) -> dict[str, float]:
     """CPU seconds used so far by each group of processes (the worker(s), broker, load generator)."""
-    return {k: sum(common.cpu_seconds(p) for p in v if p) for k, v in pids.items()}
+    snapshot = {k: sum(common.cpu_seconds(p) for p in v if p) for k, v in pids.items()}
+    return {**snapshot, "machine": common.machine_busy_seconds()}
 
 
 def start_brokers(names: list[str], cfg: config.Config) -> list[str]:

@@ -213,3 +213,11 @@ def libraries() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have been busy since boot (everything but idle and iowait), so a
+    phase can tell how much CPU went to processes that are not part of the benchmark."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")

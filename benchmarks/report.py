@@ -123,7 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
         sat = (c.get("saturation") or {}).get("answered_per_s")
         echo = (find(configs, c["broker"], "echo", c["workers"]).get("saturation") or {}) \
             .get("answered_per_s")
-        vs = f"{sat / echo:.0%}" if sat and echo and c["kind"] != "echo" else ""
+        vs = f"{sat / echo:.1%}" if sat and echo and c["kind"] != "echo" else ""
         cells = []
         for r in rates:
             x = rate(c, r)
@@ -134,6 +134,9 @@ def markdown(result: dict[str, Any]) -> str:
             if x.get("loadgen_limited"):
                 cell += " (load generator behind)"
             cells.append(cell)
+        other = ((c.get("saturation") or {}).get("cpu_cores_busy") or {}).get("other")
+        if other is not None and other > 0.2:
+            name += f" (other processes used {other:.1f} cores)"
         cold, rss = c.get("cold_start_s"), c.get("rss_peak_mb")
         lines.append(f"| {name} | {sat or 0:,.0f} | {vs} | " + " | ".join(cells)
                      + f" | {'' if cold is None else f'{cold:.1f}'} | "
