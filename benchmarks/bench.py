@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=5.0, help="per offered rate")
     ap.add_argument("--model-threads", type=ints, default=[1, 2],
                     help="inference threads for the model-only part")
+    ap.add_argument("--model-backends", default="jax,tensorflow",
+                    help="Keras backends for the model-only part (serve.backend)")
     ap.add_argument("--no-model", action="store_true", help="skip the model-only part")
     ap.add_argument("--model-only", action="store_true", help="only the model-only part")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -68,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.runs, args.burst, args.rates, args.seconds = 1, 100, [50.0], 2.0
         args.kafka_workers, args.pubsub_workers, args.model_threads = [1], [1], [0]
+        args.model_backends = "auto"
     return args
 
 
@@ -90,12 +93,13 @@ def log(msg: str) -> None:
 
 def model_only(args: argparse.Namespace, weights: Path) -> dict[str, Any]:
     out = {}
-    for threads in args.model_threads:
+    for backend, threads in [(b, t) for b in args.model_backends.split(",")
+                             for t in args.model_threads]:
         cmd = [PYTHON, str(ROOT / "benchmarks" / "model_bench.py"), "--weights", str(weights),
-               "--threads", str(threads), "--runs", str(args.runs)]
+               "--threads", str(threads), "--runs", str(args.runs), "--backend", backend]
         if args.smoke:
             cmd += ["--batches", "1,8", "--seconds", "0.2", "--latency-calls", "30"]
-        log(f"model only, {threads or 'all'} inference thread(s)")
+        log(f"model only, {backend} backend, {threads or 'all'} inference thread(s)")
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                               env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ})
         if done.returncode != 0:
@@ -104,7 +108,7 @@ def model_only(args: argparse.Namespace, weights: Path) -> dict[str, Any]:
         figures = report.aggregate(raw["runs"])
         figures.update(per_request_us=raw["per_request_us"], load_and_warm_s=raw["load_and_warm_s"],
                        runs=raw["runs"])
-        out[str(raw["threads"])] = figures
+        out[f"{raw['backend']}, {raw['threads']} thread(s)"] = figures
     return out
 
 

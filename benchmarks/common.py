@@ -207,7 +207,8 @@ def libraries() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name in ("tensorflow", "keras", "kafka-python", "crc32c", "google-cloud-pubsub", "pillow"):
+    for name in ("tensorflow", "jax", "jaxlib", "keras", "kafka-python", "crc32c",
+                 "google-cloud-pubsub", "pillow"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

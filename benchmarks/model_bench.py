@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=0, help="serve.threads (0 = all cores)")
+    ap.add_argument("--backend", default="auto", help="serve.backend: auto, jax or tensorflow")
     ap.add_argument("--batches", default="1,8,32,128,512")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0, help="per batch size and run")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config.load()
     predictor = Predictor(args.weights, max_batch=max(batches), top_k=cfg.model.top_k,
-                          threads=args.threads)
+                          threads=args.threads, backend=args.backend)
     load_s = time.perf_counter() - started
     pixels = np.stack([imaging.decode(p, cfg.imaging) for p in pngs()])[..., None]
     runs = []
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     costs = request_costs(predictor, cfg)
     from fmnist.runtime import cpu_threads
 
-    print(json.dumps({"threads": cpu_threads(args.threads), "load_and_warm_s": load_s,
+    print(json.dumps({"backend": predictor.backend, "threads": cpu_threads(args.threads),
+                      "load_and_warm_s": load_s,
                       "runs": runs, "per_request_us": costs}))
     return 0
 

@@ -99,10 +99,12 @@ def markdown(result: dict[str, Any]) -> str:
     if overrides := meta.get("overrides"):
         lines.append("\nConfig overrides: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()))
     model = result.get("model") or {}
-    for threads, mres in sorted(model.items()):
+    for label, mres in model.items():
         ips = mres.get("images_per_s") or {}
         lat = mres.get("single_image") or {}
-        lines += ["", f"**Model only** ({threads} inference thread(s), `Predictor.probabilities`):", "",
+        if label.isdigit():  # results written before the backend was part of the key
+            label = f"{label} thread(s)"
+        lines += ["", f"**Model only** ({label}, `Predictor.probabilities`):", "",
                   "| batch | " + " | ".join(ips) + " | 1-image p50 | 1-image p99 |",
                   "|---|" + "---|" * (len(ips) + 2),
                   "| images/s | " + " | ".join(f"{v:,.0f}" for v in ips.values())

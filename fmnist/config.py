@@ -131,6 +131,7 @@ class ServeConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     threads: int = 0
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,8 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
         ("serve.broker", cfg.serve.broker in ("kafka", "pubsub"), "must be `kafka` or `pubsub`"),
         ("serve.max_batch_size", cfg.serve.max_batch_size >= 1, "must be at least 1"),
         ("serve.max_wait_ms", cfg.serve.max_wait_ms >= 0, "must be 0 or more"),
+        ("serve.backend", cfg.serve.backend in ("auto", "jax", "tensorflow"),
+         "must be `auto`, `jax` or `tensorflow`"),
         ("serve.log_format", cfg.serve.log_format in ("text", "json"), "must be `text` or `json`"),
         ("serve.metrics_port", 0 <= cfg.serve.metrics_port <= 65535, "must be 0 (off) to 65535"),
         ("train.epochs", cfg.train.epochs >= 1, "must be at least 1"),

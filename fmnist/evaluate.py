@@ -51,7 +51,8 @@ def evaluate(cfg: Config, out_dir: Path | None = None) -> Evaluation:
     from fmnist.predictor import Predictor
 
     test = data.load_split("test", data.locate(cfg.data))
-    predictor = Predictor(cfg.weights_path, max_batch=512, threads=cfg.serve.threads)
+    predictor = Predictor(cfg.weights_path, max_batch=512, threads=cfg.serve.threads,
+                          backend=cfg.serve.backend)
     probs = predictor.probabilities(test.images)
     predicted = probs.argmax(axis=1)
     picked = probs[np.arange(len(probs)), test.labels]

@@ -41,7 +41,8 @@ def predict_files(cfg: Config, names: list[str]) -> list[dict[str, Any]]:
     if pixels:
         batch = 1 << max(0, (len(pixels) - 1).bit_length())
         predictor = Predictor(cfg.weights_path, max_batch=min(batch, 256), top_k=cfg.model.top_k,
-                              threads=cfg.serve.threads)
+                              threads=cfg.serve.threads,
+                              backend=cfg.serve.backend)
         for slot, prediction in zip(slots, predictor.predict(np.stack(pixels)), strict=True):
             results[slot].update(prediction.as_dict())
             results[slot]["model"] = {"name": predictor.name, "version": predictor.version}

@@ -52,7 +52,8 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
 
         spec = tf.TensorSpec([None, 28, 28, 1], tf.float32)
         fn = tf.function(lambda x: model(x, training=False), input_signature=[spec],
-                         jit_compile=False)  # XLA measured slower for this model on CPU
+                         jit_compile=False,  # XLA measured slower for this model on CPU
+                         autograph=False)  # nothing to convert; autograph litters /tmp
         return lambda x: fn(tf.constant(x)).numpy()
     if backend == "jax":
         import jax
@@ -67,9 +68,11 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
 class Predictor:
     """A loaded, warmed model. ``predict`` is thread-safe (one forward pass at a time)."""
 
-    def __init__(self, weights: Path, max_batch: int = 64, top_k: int = 3, threads: int = 0) -> None:
-        from fmnist.runtime import keras_module
+    def __init__(self, weights: Path, max_batch: int = 64, top_k: int = 3, threads: int = 0,
+                 backend: str = "auto") -> None:
+        from fmnist.runtime import keras_module, select_backend
 
+        self.backend = select_backend(backend, threads)
         keras_module(threads)
         started = time.perf_counter()
         model, self.meta = artifacts.load_model(weights)

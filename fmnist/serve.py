@@ -39,13 +39,14 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
 
     worker_id = cfg.serve.worker_id or default_worker_id()
     logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)
+
     def load(path: Path) -> Predictor:
         return Predictor(path, max_batch=cfg.serve.max_batch_size, top_k=cfg.model.top_k,
-                         threads=cfg.serve.threads)
+                         threads=cfg.serve.threads, backend=cfg.serve.backend)
 
     predictor = load(cfg.weights_path)
-    log.info("model %s@%s loaded and warmed in %.2f s", predictor.name, predictor.version,
-             predictor.load_seconds)
+    log.info("model %s@%s loaded and warmed in %.2f s (%s backend)", predictor.name,
+             predictor.version, predictor.load_seconds, predictor.backend)
     broker = connect(cfg.serve.broker, cfg)
     metrics = Metrics(cfg.serve.broker)
     metrics.set_model(predictor.name, predictor.version)

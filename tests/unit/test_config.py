@@ -275,6 +275,7 @@ def test_project_root_is_fmnist_home_or_the_source_tree(clean_env: pytest.Monkey
     ("train.batch_size", 0, "must be at least 1"),
     ("train.validation_split", 1.0, "must be in [0, 1)"),
     ("train.limit", -1, "must be 0 (all) or more"),
+    ("serve.backend", "torch", "must be `auto`, `jax` or `tensorflow`"),
     ("model.top_k", 11, "must be between 1 and 10"),
     ("model.top_k", 0, "must be between 1 and 10"),
     ("model.filters", (), "must list at least one stage"),
@@ -298,7 +299,7 @@ def test_out_of_range_values_are_rejected_naming_key_value_and_source(
 @pytest.mark.parametrize(("key", "good"), [
     ("serve.broker", "pubsub"), ("serve.max_wait_ms", 0.0), ("serve.log_format", "json"),
     ("train.validation_split", 0.0), ("model.top_k", 10), ("model.top_k", 1),
-    ("imaging.invert", "never"), ("serve.metrics_port", 65535),
+    ("imaging.invert", "never"), ("serve.metrics_port", 65535), ("serve.backend", "tensorflow"),
 ])
 def test_boundary_values_are_accepted(fmnist_home: Path, key: str, good: object) -> None:
     section, _, name = key.partition(".")

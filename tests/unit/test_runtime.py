@@ -1,0 +1,55 @@
+"""Which Keras backend inference and training run on, decided before Keras is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def backend_in_a_fresh_process(code: str, **env: str) -> dict:
+    """Run ``code`` (which prints JSON) where no Keras was imported yet."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**clean, **env}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+SELECT = ("import json, os, sys; from fmnist.runtime import select_backend; "
+          "chosen = select_backend({args}); import keras; "
+          "print(json.dumps({{'chosen': chosen, 'keras': keras.backend.backend(), "
+          "'tf': 'tensorflow' in sys.modules, 'xla_flags': os.environ.get('XLA_FLAGS', '')}}))")
+
+
+def test_inference_defaults_to_jax_and_never_imports_tensorflow() -> None:
+    got = backend_in_a_fresh_process(SELECT.format(args="'auto'"))
+    assert got == {"chosen": "jax", "keras": "jax", "tf": False, "xla_flags": ""}
+
+
+def test_training_defaults_to_tensorflow() -> None:
+    got = backend_in_a_fresh_process(SELECT.format(args="'auto', auto='tensorflow'"))
+    assert got["chosen"] == got["keras"] == "tensorflow"
+
+
+def test_auto_respects_keras_backend_from_the_environment() -> None:
+    got = backend_in_a_fresh_process(SELECT.format(args="'auto'"), KERAS_BACKEND="tensorflow")
+    assert got["chosen"] == got["keras"] == "tensorflow"
+
+
+def test_one_thread_turns_off_xlas_thread_pool() -> None:
+    got = backend_in_a_fresh_process(SELECT.format(args="'jax', threads=1"))
+    assert got["keras"] == "jax" and "--xla_cpu_multi_thread_eigen=false" in got["xla_flags"]
+
+
+def test_once_keras_is_imported_auto_accepts_it_and_a_different_choice_is_an_error() -> None:
+    code = ("import json, keras; from fmnist.runtime import select_backend; "
+            "from fmnist.errors import ConfigError\n"
+            "other = 'jax' if keras.backend.backend() == 'tensorflow' else 'tensorflow'\n"
+            "try:\n    select_backend(other); error = None\n"
+            "except ConfigError as exc:\n    error = exc.message + ' ' + exc.hint\n"
+            "print(json.dumps({'auto': select_backend('auto'), 'active': keras.backend.backend(),"
+            " 'error': error}))")
+    got = backend_in_a_fresh_process(code, KERAS_BACKEND="tensorflow")
+    assert got["auto"] == got["active"] == "tensorflow"
+    assert "already runs on 'tensorflow'" in got["error"] and "new process" in got["error"]
