@@ -55,15 +55,15 @@ class ModelConfig:
     name: str = "fmnist"
     weights_dir: Path = Path("weights")
     filters: tuple[int, ...] = (32, 64, 128)
-    convs_per_stage: int = 2
+    convs_per_stage: int = 1
     dense_units: int = 256
-    dropout: float = 0.25
+    dropout: float = 0.2
     top_k: int = 3
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 128
     learning_rate: float = 0.002
     weight_decay: float = 0.02
@@ -73,6 +73,11 @@ class TrainConfig:
     seed: int = 42
     threads: int = 0
     limit: int = 0
+    # Knowledge distillation: train on a blend of the labels and this model's softened
+    # predictions (a small serving model learns from a big one); None trains on labels alone.
+    teacher: Path | None = Path("weights/fmnist-full.keras")
+    distill_weight: float = 0.7
+    distill_temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,8 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
         ("train.batch_size", cfg.train.batch_size >= 1, "must be at least 1"),
         ("train.validation_split", 0.0 <= cfg.train.validation_split < 1.0, "must be in [0, 1)"),
         ("train.limit", cfg.train.limit >= 0, "must be 0 (all) or more"),
+        ("train.distill_weight", 0.0 <= cfg.train.distill_weight <= 1.0, "must be in [0, 1]"),
+        ("train.distill_temperature", cfg.train.distill_temperature > 0, "must be positive"),
         ("model.top_k", 1 <= cfg.model.top_k <= 10, "must be between 1 and 10"),
         ("model.filters", bool(cfg.model.filters) and min(cfg.model.filters) >= 1,
          "must list at least one stage, each with 1 or more filters"),

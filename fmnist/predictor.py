@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fmnist import artifacts
+from fmnist import artifacts, calibration
 from fmnist.model import CLASS_NAMES
 
 
@@ -79,6 +79,8 @@ class Predictor:
         self.weights = weights
         self.name: str = self.meta.get("name", weights.stem)
         self.version: str = self.meta["version"]
+        # Temperature scaling fitted after training (1.0 for models saved without it).
+        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
         self.max_batch = max_batch
         self.top_k = top_k
         self._forward = compile_forward(model)
@@ -109,7 +111,7 @@ class Predictor:
             with self._lock:
                 probs = self._forward(chunk)
             out[start:start + self.max_batch] = probs[:min(self.max_batch, len(pixels) - start)]
-        return out
+        return out if self.temperature == 1.0 else calibration.soften(out, self.temperature)
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:
         return [self.describe(p) for p in self.probabilities(pixels)]

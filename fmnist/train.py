@@ -15,10 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fmnist import artifacts, data
+from fmnist import artifacts, calibration, data
 from fmnist.config import Config, as_dict
+from fmnist.errors import ModelError
 from fmnist.model import CLASS_NAMES, build, multiply_adds
-from fmnist.runtime import device_description, keras_module, library_versions
+from fmnist.runtime import device_description, keras_module, library_versions, select_backend
 
 
 class TrainReporter(Protocol):
@@ -78,6 +79,7 @@ def _schedule(cfg: Config, steps: int) -> Any:
 
 
 def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
+    select_backend("auto", cfg.train.threads, auto="tensorflow")
     keras = keras_module(cfg.train.threads, deterministic=True)
     keras.utils.set_random_seed(cfg.train.seed)
     source = data.locate(cfg.data)
@@ -89,9 +91,12 @@ def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
     n_val = int(len(order) * cfg.train.validation_split)
     val_idx, fit_idx = order[:n_val], order[n_val:]
     onehot = np.eye(10, dtype=np.float32)[labels]
+    targets = onehot.copy()
+    if cfg.train.teacher is not None:  # only the images this run uses (--limit)
+        targets[order] = distillation_targets(cfg, images[order], onehot[order])
 
     model = build(cfg.model)
-    batches = _batches(images[fit_idx], onehot[fit_idx], cfg.train.batch_size, cfg.train.seed,
+    batches = _batches(images[fit_idx], targets[fit_idx], cfg.train.batch_size, cfg.train.seed,
                        cfg.train.augment)
     model.compile(
         optimizer=keras.optimizers.AdamW(_schedule(cfg, len(batches)), weight_decay=cfg.train.weight_decay),
@@ -103,7 +108,9 @@ def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
                    f"{multiply_adds(model) / 1e6:.1f} M multiply-adds per image, "
                    f"{len(fit_idx):,} training / {n_val:,} validation images, source: "
                    f"{source.describe()}")
-    val_data = ((images[val_idx][..., None].astype(np.float32), onehot[val_idx])
+    # Validated against the true labels, through the same numpy batches as training (numpy
+    # arrays would go through tf.data, which logs a spurious C++ error on TensorFlow 2.21).
+    val_data = (_batches(images[val_idx], onehot[val_idx], 512, cfg.train.seed, aug=False)
                 if n_val else None)
     started = time.perf_counter()
     history = model.fit(batches, epochs=cfg.train.epochs, validation_data=val_data, verbose=0,
@@ -111,8 +118,16 @@ def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
     train_seconds = time.perf_counter() - started
     reporter.finish()
 
-    test_probs = model.predict(test_split.images[..., None].astype(np.float32), batch_size=512,
-                               verbose=0)
+    calibrated: dict[str, Any] = {"temperature": 1.0}
+    if n_val:  # temperature scaling on the validation split (see fmnist/calibration.py)
+        val_probs = predict_in_batches(model, images[val_idx])
+        temperature = calibration.fit_temperature(val_probs, labels[val_idx])
+        calibrated = {"temperature": temperature, "fitted_on": "validation split",
+                      "val_nll_before": calibration.nll(val_probs, labels[val_idx]),
+                      "val_nll_after": calibration.nll(
+                          calibration.soften(val_probs, temperature), labels[val_idx])}
+    test_probs = calibration.soften(predict_in_batches(model, test_split.images),
+                                    calibrated["temperature"])
     test_acc = float(np.mean(np.argmax(test_probs, axis=1) == test_split.labels))
     metrics = {
         "test_accuracy": test_acc,
@@ -125,11 +140,39 @@ def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
     }
     meta = artifacts.make_meta(
         name=cfg.model.name, config=as_dict(cfg), metrics=metrics, versions=library_versions(),
-        dataset={**train_split.sha256, **test_split.sha256}, device=device,
+        dataset={**train_split.sha256, **test_split.sha256}, device=device, calibration=calibrated,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()})
     weights = artifacts.save(model, meta, cfg.weights_path)
     curve = plot_history(history.history, weights.with_suffix(".curve.png"), cfg.model.name)
     return TrainResult(weights, json.loads(artifacts.meta_path(weights).read_text()), curve)
+
+
+def predict_in_batches(model: Any, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Probabilities for uint8 images [N, 28, 28], by direct calls: ``model.predict`` would
+    route numpy through tf.data, which logs a spurious C++ error on TensorFlow 2.21."""
+    return np.concatenate([
+        np.asarray(model(images[i:i + batch, ..., None].astype(np.float32), training=False),
+                   np.float32)
+        for i in range(0, len(images), batch)])
+
+
+def distillation_targets(cfg: Config, images: np.ndarray, onehot: np.ndarray) -> np.ndarray:
+    """Blend of the labels and the teacher's softened predictions, one row per image.
+
+    The teacher sees each training image once, un-augmented, before training starts: a flip or
+    a 2-pixel shift barely moves its prediction, and predicting once costs far less than
+    running the teacher on every augmented batch."""
+    assert cfg.train.teacher is not None
+    if not cfg.train.teacher.is_file():
+        raise ModelError(
+            f"The teacher to distil from, {cfg.train.teacher} (train.teacher), does not exist.",
+            "Train it first with `fmnist train --config configs/train-full.yaml`, or train on the "
+            "labels alone with FMNIST_TRAIN__TEACHER= (empty).")
+    teacher, _ = artifacts.load_model(cfg.train.teacher)
+    soft = calibration.soften(predict_in_batches(teacher, images),
+                              cfg.train.distill_temperature)
+    weight = cfg.train.distill_weight
+    return ((1.0 - weight) * onehot + weight * soft).astype(np.float32)
 
 
 class _ReporterCallback:

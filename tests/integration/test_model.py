@@ -95,6 +95,8 @@ def test_training_on_a_slice_writes_weights_meta_and_curve_deterministically(tmp
     for suffix in (".keras", ".meta.json", ".curve.png"):
         assert (tmp_path / "a" / f"tiny{suffix}").is_file()
     assert meta["config"]["train"]["seed"] == 3 and meta["history"]["loss"]
+    # The default profile learns from the shipped full model's softened predictions.
+    assert meta["config"]["train"]["teacher"].endswith("weights/fmnist-full.keras")
     _, again = _train_tiny(tmp_path / "b", seed=3)
     assert again == digest  # same seed, same weights on CPU
     _, other = _train_tiny(tmp_path / "c", seed=4)

@@ -30,14 +30,14 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_each_layer_overrides_the_one_below(fmnist_home: Path, tmp_path: Path) -> None:
-    assert config.load(env={}).train.epochs == config.TrainConfig().epochs == 12
-    write(fmnist_home / "configs" / "default.yaml", "train:\n  epochs: 21\n")
-    assert config.load(env={}).train.epochs == 21
-    user = write(tmp_path / "user.yaml", "train:\n  epochs: 22\n")
-    assert config.load(user, env={}).train.epochs == 22
-    env = {"FMNIST_TRAIN__EPOCHS": "23"}
-    assert config.load(user, env=env).train.epochs == 23
-    assert config.load(user, flags={"train.epochs": 24}, env=env).train.epochs == 24
+    assert config.load(env={}).train.epochs == config.TrainConfig().epochs == 24
+    write(fmnist_home / "configs" / "default.yaml", "train:\n  epochs: 31\n")
+    assert config.load(env={}).train.epochs == 31
+    user = write(tmp_path / "user.yaml", "train:\n  epochs: 32\n")
+    assert config.load(user, env={}).train.epochs == 32
+    env = {"FMNIST_TRAIN__EPOCHS": "33"}
+    assert config.load(user, env=env).train.epochs == 33
+    assert config.load(user, flags={"train.epochs": 34}, env=env).train.epochs == 34
 
 
 def test_a_flag_left_as_none_lets_the_lower_layer_show(fmnist_home: Path) -> None:
@@ -62,7 +62,7 @@ def test_env_defaults_to_the_process_environment(fmnist_home: Path,
 
 def test_use_default_file_false_skips_default_yaml(fmnist_home: Path) -> None:
     write(fmnist_home / "configs" / "default.yaml", "train:\n  epochs: 21\n")
-    assert config.load(env={}, use_default_file=False).train.epochs == 12
+    assert config.load(env={}, use_default_file=False).train.epochs == 24
 
 
 def test_fmnist_variables_without_a_section_are_not_config(fmnist_home: Path) -> None:
@@ -75,6 +75,14 @@ def test_train_full_profile_layers_over_the_defaults(clean_env: pytest.MonkeyPat
     assert (cfg.model.name, cfg.model.convs_per_stage, cfg.train.epochs) == ("fmnist-full", 2, 24)
     assert cfg.train.batch_size == 128
     assert cfg.weights_path == SOURCE_ROOT / "weights" / "fmnist-full.keras"
+    assert cfg.train.teacher is None  # the teacher of the default profile learns from labels
+
+
+def test_default_profile_distils_from_the_shipped_full_model(clean_env: pytest.MonkeyPatch) -> None:
+    cfg = config.load(env={})
+    assert cfg.train.teacher == SOURCE_ROOT / "weights" / "fmnist-full.keras"
+    assert cfg.train.teacher.is_file()
+    assert config.load(env={"FMNIST_TRAIN__TEACHER": ""}).train.teacher is None
 
 
 # --- errors name their source --------------------------------------------------------------
@@ -130,7 +138,7 @@ def test_empty_file_and_empty_section_are_no_op_layers(fmnist_home: Path, tmp_pa
     assert config.load(write(tmp_path / "a.yaml", ""), env={}) == config.load(env={})
     commented = write(tmp_path / "b.yaml", "train:\n  # epochs: 3\nmodel:\n  top_k: 5\n")
     cfg = config.load(commented, env={})
-    assert (cfg.train.epochs, cfg.model.top_k) == (12, 5)
+    assert (cfg.train.epochs, cfg.model.top_k) == (24, 5)
 
 
 @pytest.mark.parametrize(("name", "value", "fragment"), [
@@ -275,6 +283,8 @@ def test_project_root_is_fmnist_home_or_the_source_tree(clean_env: pytest.Monkey
     ("train.batch_size", 0, "must be at least 1"),
     ("train.validation_split", 1.0, "must be in [0, 1)"),
     ("train.limit", -1, "must be 0 (all) or more"),
+    ("train.distill_weight", 1.5, "must be in [0, 1]"),
+    ("train.distill_temperature", 0.0, "must be positive"),
     ("serve.backend", "torch", "must be `auto`, `jax` or `tensorflow`"),
     ("model.top_k", 11, "must be between 1 and 10"),
     ("model.top_k", 0, "must be between 1 and 10"),
@@ -299,7 +309,8 @@ def test_out_of_range_values_are_rejected_naming_key_value_and_source(
 @pytest.mark.parametrize(("key", "good"), [
     ("serve.broker", "pubsub"), ("serve.max_wait_ms", 0.0), ("serve.log_format", "json"),
     ("train.validation_split", 0.0), ("model.top_k", 10), ("model.top_k", 1),
-    ("imaging.invert", "never"), ("serve.metrics_port", 65535), ("serve.backend", "tensorflow"),
+    ("imaging.invert", "never"), ("serve.metrics_port", 65535),
+    ("train.distill_weight", 0.0), ("train.distill_weight", 1.0), ("serve.backend", "tensorflow"),
 ])
 def test_boundary_values_are_accepted(fmnist_home: Path, key: str, good: object) -> None:
     section, _, name = key.partition(".")
@@ -364,7 +375,7 @@ def test_default_yaml_equals_the_typed_defaults(clean_env: pytest.MonkeyPatch) -
     typed = config.load(env={}, use_default_file=False)
     assert config.as_dict(from_yaml, mask_secrets=False) == config.as_dict(typed,
                                                                            mask_secrets=False)
-    assert (typed.train.epochs, typed.train.weight_decay) == (12, 0.02)
+    assert (typed.train.epochs, typed.train.weight_decay) == (24, 0.02)
     assert config.Config().imaging.max_pixels == 4096 * 4096
 
 
@@ -402,7 +413,7 @@ def test_cli_config_json_is_valid_json_with_secrets_masked(fmnist_home: Path) ->
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed["kafka"]["sasl_password"] == "***"
-    assert printed["train"]["epochs"] == 12
+    assert printed["train"]["epochs"] == 24
     assert "hunter2" not in result.output
 
 
