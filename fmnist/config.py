@@ -129,7 +129,7 @@ class PubsubConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     broker: str = "kafka"
-    max_batch_size: int = 64
+    max_batch_size: int = 256
     max_wait_ms: float = 2.0
     metrics_port: int = 0
     worker_id: str = ""
@@ -137,6 +137,7 @@ class ServeConfig:
     log_level: str = "INFO"
     threads: int = 0
     backend: str = "auto"
+    compile_cache: str = "~/.cache/fmnist/jax"
 
 
 @dataclass(frozen=True)

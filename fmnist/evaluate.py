@@ -52,7 +52,8 @@ def evaluate(cfg: Config, out_dir: Path | None = None) -> Evaluation:
 
     test = data.load_split("test", data.locate(cfg.data))
     predictor = Predictor(cfg.weights_path, max_batch=512, threads=cfg.serve.threads,
-                          backend=cfg.serve.backend)
+                          backend=cfg.serve.backend,
+                          compile_cache=cfg.serve.compile_cache)
     probs = predictor.probabilities(test.images)
     predicted = probs.argmax(axis=1)
     picked = probs[np.arange(len(probs)), test.labels]

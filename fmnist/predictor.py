@@ -1,9 +1,14 @@
 """Load weights once, compile one forward pass, predict batches: the serving hot path.
 
 `model.predict` costs ~60x more than a compiled call at batch 1 (it builds a data pipeline per
-call), so the worker never uses it. We compile the forward pass once per backend and pad each
-batch up to a power-of-two "bucket", so a backend that specialises on shape (JAX, XLA) compiles
-a handful of shapes during warm-up and never on the hot path.
+call), so the worker never uses it. We compile the forward pass once per backend for a handful
+of power-of-two "bucket" shapes, so a backend that specialises on shape (JAX, XLA) compiles
+during warm-up and never on the hot path.
+
+Cost is not monotonic in the shape: XLA on this CPU runs the 7.7 M multiply-add network at
+114 us per image at batch 16 and 80 us at 256, but 356 us at 64 (measured, BENCHMARKS.md). So
+warm-up times every bucket and ``plan`` decides, for each batch size, the cheapest way to cover
+it: one padded call, or several calls (64 images = 4 calls of 16, 7 ms instead of 23 ms).
 """
 
 from __future__ import annotations
@@ -42,6 +47,18 @@ def buckets(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def plan(costs: dict[int, float], max_batch: int) -> list[list[int]]:
+    """For each n in 0..max_batch, the bucket sizes whose calls cover n images at the lowest
+    total cost (the last call padded). ``costs`` maps bucket size -> seconds per call."""
+    best: list[tuple[float, list[int]]] = [(0.0, [])]
+    for n in range(1, max_batch + 1):
+        options = [(cost, [size]) for size, cost in costs.items() if size >= n]
+        options += [(cost + best[n - size][0], [size, *best[n - size][1]])
+                    for size, cost in costs.items() if size < n]
+        best.append(min(options, key=lambda option: option[0]))
+    return [calls for _, calls in best]
+
+
 def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     """A compiled `probabilities = model(pixels)` for the active Keras backend."""
     import keras
@@ -69,10 +86,12 @@ class Predictor:
     """A loaded, warmed model. ``predict`` is thread-safe (one forward pass at a time)."""
 
     def __init__(self, weights: Path, max_batch: int = 64, top_k: int = 3, threads: int = 0,
-                 backend: str = "auto") -> None:
-        from fmnist.runtime import keras_module, select_backend
+                 backend: str = "auto", compile_cache: str = "") -> None:
+        from fmnist.runtime import jax_compile_cache, keras_module, select_backend
 
         self.backend = select_backend(backend, threads)
+        if self.backend == "jax":
+            jax_compile_cache(compile_cache)
         keras_module(threads)
         started = time.perf_counter()
         model, self.meta = artifacts.load_model(weights)
@@ -86,31 +105,45 @@ class Predictor:
         self._forward = compile_forward(model)
         self._lock = threading.Lock()
         self._buckets = buckets(max_batch)
+        self.bucket_ms: dict[int, float] = {}
+        self._plan: list[list[int]] = []
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
 
-    def warm_up(self) -> None:
-        """Run every bucket shape once so no compilation happens while serving."""
+    def warm_up(self, timed_calls: int = 3) -> None:
+        """Run every bucket shape (so nothing compiles while serving), time it, and plan."""
+        costs = {}
         for size in self._buckets:
-            probs = self._forward(np.zeros((size, 28, 28, 1), np.float32))
+            zeros = np.zeros((size, 28, 28, 1), np.float32)
+            probs = self._forward(zeros)
             if probs.shape != (size, len(CLASS_NAMES)) or not np.all(np.isfinite(probs)):
                 from fmnist.errors import ModelError
 
                 raise ModelError(f"{self.weights} produced {probs.shape} non-finite or misshaped "
                                  "output in its warm-up prediction.", artifacts.TRAIN_HINT)
+            timings = []
+            for _ in range(timed_calls):  # the best of a few: start-up is a noisy time
+                started = time.perf_counter()
+                self._forward(zeros)
+                timings.append(time.perf_counter() - started)
+            costs[size] = min(timings)
+        self.bucket_ms = {size: round(cost * 1000, 3) for size, cost in costs.items()}
+        self._plan = plan(costs, self.max_batch)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """[N, 28, 28] or [N, 28, 28, 1] float32 pixels (0..255) -> [N, 10] probabilities."""
         pixels = np.asarray(pixels, np.float32).reshape(-1, 28, 28, 1)
         out = np.empty((len(pixels), len(CLASS_NAMES)), np.float32)
-        for start in range(0, len(pixels), self.max_batch):
-            chunk = pixels[start:start + self.max_batch]
-            size = next(b for b in self._buckets if b >= len(chunk))
-            if size != len(chunk):
-                chunk = np.concatenate([chunk, np.zeros((size - len(chunk), 28, 28, 1), np.float32)])
-            with self._lock:
-                probs = self._forward(chunk)
-            out[start:start + self.max_batch] = probs[:min(self.max_batch, len(pixels) - start)]
+        start = 0
+        while start < len(pixels):
+            for size in self._plan[min(self.max_batch, len(pixels) - start)]:
+                chunk = pixels[start:start + size]
+                n = len(chunk)
+                if n != size:
+                    chunk = np.concatenate([chunk, np.zeros((size - n, 28, 28, 1), np.float32)])
+                with self._lock:
+                    out[start:start + n] = self._forward(chunk)[:n]
+                start += n
         return out if self.temperature == 1.0 else calibration.soften(out, self.temperature)
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:

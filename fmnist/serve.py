@@ -42,11 +42,13 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
 
     def load(path: Path) -> Predictor:
         return Predictor(path, max_batch=cfg.serve.max_batch_size, top_k=cfg.model.top_k,
-                         threads=cfg.serve.threads, backend=cfg.serve.backend)
+                         threads=cfg.serve.threads, backend=cfg.serve.backend,
+                         compile_cache=cfg.serve.compile_cache)
 
     predictor = load(cfg.weights_path)
     log.info("model %s@%s loaded and warmed in %.2f s (%s backend)", predictor.name,
              predictor.version, predictor.load_seconds, predictor.backend)
+    log.info("forward pass ms per call by batch shape: %s", predictor.bucket_ms)
     broker = connect(cfg.serve.broker, cfg)
     metrics = Metrics(cfg.serve.broker)
     metrics.set_model(predictor.name, predictor.version)

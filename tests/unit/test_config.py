@@ -57,7 +57,7 @@ def test_env_defaults_to_the_process_environment(fmnist_home: Path,
                                                  clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FMNIST_SERVE__MAX_BATCH_SIZE", "17")
     assert config.load().serve.max_batch_size == 17
-    assert config.load(env={}).serve.max_batch_size == 64  # an explicit env replaces os.environ
+    assert config.load(env={}).serve.max_batch_size == 256  # an explicit env replaces os.environ
 
 
 def test_use_default_file_false_skips_default_yaml(fmnist_home: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def backend_in_a_fresh_process(code: str, **env: str) -> dict:
@@ -53,3 +54,14 @@ def test_once_keras_is_imported_auto_accepts_it_and_a_different_choice_is_an_err
     got = backend_in_a_fresh_process(code, KERAS_BACKEND="tensorflow")
     assert got["auto"] == got["active"] == "tensorflow"
     assert "already runs on 'tensorflow'" in got["error"] and "new process" in got["error"]
+
+
+def test_compiled_forward_passes_are_cached_on_disk_for_the_next_start(tmp_path) -> None:
+    cache = tmp_path / "jax-cache"
+    weights = Path(__file__).resolve().parents[2] / "weights" / "fmnist.keras"
+    code = ("import json; from pathlib import Path; from fmnist.predictor import Predictor; "
+            f"p = Predictor(Path({str(weights)!r}), max_batch=2, compile_cache={str(cache)!r}); "
+            "print(json.dumps({'backend': p.backend, 'buckets': sorted(p.bucket_ms)}))")
+    got = backend_in_a_fresh_process(code)
+    assert got == {"backend": "jax", "buckets": [1, 2]}
+    assert len(list(cache.iterdir())) >= 2  # at least the two forward-pass shapes
