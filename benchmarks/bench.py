@@ -78,10 +78,9 @@ def overrides_env(sets: list[str]) -> dict[str, str]:
     env = {}
     for item in sets:
         key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
+        if not sep or "." not in key:
             sys.exit(f"bench: --set wants SECTION.KEY=VALUE, got {item!r}")
-        env[f"FMNIST_{section.upper()}__{name.upper()}"] = value
+        env[config.env_name(key)] = value
     return env
 
 

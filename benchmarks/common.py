@@ -20,7 +20,7 @@ PYTHON = sys.executable
 
 class Topics:
     """A private request/response/DLQ topic set and consumer group for one run, passed by env
-    (the same variables tests/integration/conftest.py uses) on top of the caller's FMNIST_*."""
+    (``config.routing``, as the integration tests do) on top of the caller's FMNIST_*."""
 
     def __init__(self, broker: str) -> None:
         self.broker = broker
@@ -33,19 +33,12 @@ class Topics:
         return [self.request, self.response, self.dlq]
 
     def env(self, overrides: dict[str, str]) -> dict[str, str]:
+        from fmnist import config
+
         env = dict(os.environ)  # the caller's FMNIST_* settings (bootstrap servers, ...) hold
-        env.update({
-            "FMNIST_SERVE__BROKER": self.broker,
-            "FMNIST_BROKER__REQUEST_TOPIC": self.request,
-            "FMNIST_BROKER__RESPONSE_TOPIC": self.response,
-            "FMNIST_BROKER__DLQ_TOPIC": self.dlq,
-            "FMNIST_KAFKA__GROUP_ID": self.group,
-            "FMNIST_PUBSUB__REQUEST_SUBSCRIPTION": f"{self.request}-sub",
-            "FMNIST_PUBSUB__RESPONSE_SUBSCRIPTION": f"{self.response}-sub",
-            "FMNIST_PUBSUB__DLQ_SUBSCRIPTION": f"{self.dlq}-sub",
-            "PYTHONUNBUFFERED": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        })
+        env.update({config.env_name(k): v for k, v in config.routing(
+            self.broker, self.request, self.response, self.dlq, self.group).items()})
+        env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
         env.update(overrides)
         return env
 

@@ -159,6 +159,22 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
+def routing(broker: str, request: str, response: str, dlq: str, group: str) -> dict[str, str]:
+    """The settings that point workers and clients at one set of topics, as "section.key" ->
+    value: Kafka's consumer group, and Pub/Sub subscriptions named after their topics."""
+    return {"serve.broker": broker, "broker.request_topic": request,
+            "broker.response_topic": response, "broker.dlq_topic": dlq, "kafka.group_id": group,
+            "pubsub.request_subscription": f"{request}-sub",
+            "pubsub.response_subscription": f"{response}-sub",
+            "pubsub.dlq_subscription": f"{dlq}-sub"}
+
+
+def env_name(dotted: str) -> str:
+    """"serve.max_batch_size" -> "FMNIST_SERVE__MAX_BATCH_SIZE"."""
+    section, _, key = dotted.partition(".")
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
 def _section_types(section: str) -> dict[str, Any]:
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)

@@ -55,27 +55,15 @@ class Topics:
         import os
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("FMNIST_")}
-        env.update({
-            "FMNIST_SERVE__BROKER": self.broker_name,
-            "FMNIST_BROKER__REQUEST_TOPIC": self.request,
-            "FMNIST_BROKER__RESPONSE_TOPIC": self.response,
-            "FMNIST_BROKER__DLQ_TOPIC": self.dlq,
-            "FMNIST_KAFKA__GROUP_ID": self.group,
-            "FMNIST_PUBSUB__REQUEST_SUBSCRIPTION": f"{self.request}-sub",
-            "FMNIST_PUBSUB__RESPONSE_SUBSCRIPTION": f"{self.response}-sub",
-            "FMNIST_PUBSUB__DLQ_SUBSCRIPTION": f"{self.dlq}-sub",
-            "PYTHONUNBUFFERED": "1",
-            **extra,
-        })
+        env.update({config.env_name(k): v for k, v in self.routing().items()})
+        env.update(PYTHONUNBUFFERED="1", **extra)
         return env
 
+    def routing(self) -> dict[str, str]:
+        return config.routing(self.broker_name, self.request, self.response, self.dlq, self.group)
+
     def config(self, **sections: dict) -> config.Config:
-        flags = {"broker.request_topic": self.request, "broker.response_topic": self.response,
-                 "broker.dlq_topic": self.dlq, "kafka.group_id": self.group,
-                 "pubsub.request_subscription": f"{self.request}-sub",
-                 "pubsub.response_subscription": f"{self.response}-sub",
-                 "pubsub.dlq_subscription": f"{self.dlq}-sub",
-                 "serve.broker": self.broker_name}
+        flags: dict[str, object] = dict(self.routing())
         for section, values in sections.items():
             flags.update({f"{section}.{k}": v for k, v in values.items()})
         return config.load(flags=flags, env={})

@@ -439,3 +439,12 @@ def test_cli_config_yaml_survives_long_values(fmnist_home: Path) -> None:
     result = runner.invoke(app, ["config"], env={"FMNIST_DATA__DATA_DIR": long_dir})
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["data"]["data_dir"] == long_dir
+
+
+def test_routing_settings_load_through_their_environment_variables(fmnist_home: Path) -> None:
+    settings = config.routing("pubsub", "req-x", "res-x", "req-x.dlq", "workers-x")
+    assert config.env_name("serve.max_batch_size") == "FMNIST_SERVE__MAX_BATCH_SIZE"
+    cfg = config.load(env={config.env_name(k): v for k, v in settings.items()})
+    assert (cfg.serve.broker, cfg.broker.request_topic, cfg.kafka.group_id) == (
+        "pubsub", "req-x", "workers-x")
+    assert cfg.pubsub.dlq_subscription == "req-x.dlq-sub"
