@@ -21,7 +21,8 @@ from typing import Any
 STAGES = [
     ("image decode (imaging.decode, Pillow)", r"^decode \(fmnist/imaging\.py|^_decode \(fmnist/worker"),
     ("request header parsing", r"^parse_request \("),
-    ("inference (Predictor.probabilities, TensorFlow)", r"^Predictor\.probabilities|tensorflow/"),
+    ("inference (Predictor.probabilities, the compiled forward pass)",
+     r"^Predictor\.probabilities|tensorflow/|jax/"),
     ("top-k + response JSON", r"^Predictor\.describe|^response \(fmnist/protocol|^dead_letter"),
     ("publish: send (serialise, queue)", r"^KafkaProducer\.send|^PublisherClient\.publish"),
     ("publish: wait for confirmation", r"^FutureRecordMetadata\.get|^Future\.result|"
