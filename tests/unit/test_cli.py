@@ -50,7 +50,7 @@ def test_help_imports_no_heavy_library() -> None:
     """`fmnist --help` must not pay for TensorFlow or broker clients."""
     code = ("import sys; from typer.testing import CliRunner; from fmnist.cli import app; "
             "CliRunner().invoke(app, ['--help']); "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'kafka', 'google.cloud.pubsub') "
+            "print(sorted(m for m in ('tensorflow', 'jax', 'keras', 'kafka', 'google.cloud.pubsub') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
