@@ -51,9 +51,7 @@ def evaluate(cfg: Config, out_dir: Path | None = None) -> Evaluation:
     from fmnist.predictor import Predictor
 
     test = data.load_split("test", data.locate(cfg.data))
-    predictor = Predictor(cfg.weights_path, max_batch=512, threads=cfg.serve.threads,
-                          backend=cfg.serve.backend,
-                          compile_cache=cfg.serve.compile_cache)
+    predictor = Predictor.configured(cfg, max_batch=512)
     probs = predictor.probabilities(test.images)
     predicted = probs.argmax(axis=1)
     picked = probs[np.arange(len(probs)), test.labels]

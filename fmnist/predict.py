@@ -40,10 +40,7 @@ def predict_files(cfg: Config, names: list[str]) -> list[dict[str, Any]]:
             results.append({"file": name, "error": {"code": exc.code, "message": exc.message}})
     if pixels:
         batch = 1 << max(0, (len(pixels) - 1).bit_length())
-        predictor = Predictor(cfg.weights_path, max_batch=min(batch, 256), top_k=cfg.model.top_k,
-                              threads=cfg.serve.threads,
-                              backend=cfg.serve.backend,
-                              compile_cache=cfg.serve.compile_cache)
+        predictor = Predictor.configured(cfg, max_batch=min(batch, 256))
         for slot, prediction in zip(slots, predictor.predict(np.stack(pixels)), strict=True):
             results[slot].update(prediction.as_dict())
             results[slot]["model"] = {"name": predictor.name, "version": predictor.version}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fmnist import artifacts, calibration
+from fmnist.config import Config
 from fmnist.model import CLASS_NAMES
 
 
@@ -104,16 +105,23 @@ class Predictor:
         self.top_k = top_k
         self._forward = compile_forward(model)
         self._lock = threading.Lock()
-        self._buckets = buckets(max_batch)
         self.bucket_ms: dict[int, float] = {}
         self._plan: list[list[int]] = []
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
 
+    @classmethod
+    def configured(cls, cfg: Config, max_batch: int, weights: Path | None = None) -> Predictor:
+        """The predictor every command builds: ``cfg``'s model (or ``weights``), top-k, inference
+        threads, backend and compile cache."""
+        return cls(weights or cfg.weights_path, max_batch=max_batch, top_k=cfg.model.top_k,
+                   threads=cfg.serve.threads, backend=cfg.serve.backend,
+                   compile_cache=cfg.serve.compile_cache)
+
     def warm_up(self, timed_calls: int = 3) -> None:
         """Run every bucket shape (so nothing compiles while serving), time it, and plan."""
         costs = {}
-        for size in self._buckets:
+        for size in buckets(self.max_batch):
             zeros = np.zeros((size, 28, 28, 1), np.float32)
             probs = self._forward(zeros)
             if probs.shape != (size, len(CLASS_NAMES)) or not np.all(np.isfinite(probs)):

@@ -41,9 +41,7 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)
 
     def load(path: Path) -> Predictor:
-        return Predictor(path, max_batch=cfg.serve.max_batch_size, top_k=cfg.model.top_k,
-                         threads=cfg.serve.threads, backend=cfg.serve.backend,
-                         compile_cache=cfg.serve.compile_cache)
+        return Predictor.configured(cfg, cfg.serve.max_batch_size, path)
 
     predictor = load(cfg.weights_path)
     log.info("model %s@%s loaded and warmed in %.2f s (%s backend)", predictor.name,
