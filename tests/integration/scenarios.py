@@ -408,19 +408,19 @@ class OwnKafka:
         return subprocess.run([str(ROOT / "scripts" / "kafka.sh"), action], env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
-    def up(self) -> float:
+    def _timed(self, action: str, failure: str) -> float:
+        """Run ``kafka.sh action``; seconds it took, or RuntimeError("own Kafka did not ...")."""
         started = time.monotonic()
-        done = self._script("up")
+        done = self._script(action)
         if done.returncode != 0:
-            raise RuntimeError(f"own Kafka did not start: {done.stdout}{done.stderr}")
+            raise RuntimeError(f"own Kafka did not {failure}: {done.stdout}{done.stderr}")
         return time.monotonic() - started
 
+    def up(self) -> float:
+        return self._timed("up", "start")
+
     def down(self) -> float:
-        started = time.monotonic()
-        done = self._script("down")
-        if done.returncode != 0:
-            raise RuntimeError(f"own Kafka did not stop: {done.stdout}{done.stderr}")
-        return time.monotonic() - started
+        return self._timed("down", "stop")
 
     def running(self) -> bool:
         return self._script("status", timeout=30).returncode == 0
