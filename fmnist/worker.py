@@ -5,6 +5,13 @@ confirmed by the broker *before* their requests are committed/acked. If publishi
 requests are handed back for redelivery, never committed, so a worker killed at any instant
 loses nothing; the price is that a request may be answered twice (same request_id).
 
+Pipelined one batch deep: the answers of batch n are handed to the client library, and while
+the broker confirms them the loop fetches, decodes and predicts batch n+1; only then does it
+wait for n's confirmation and commit n. Waiting for a round trip per batch was a third of the
+loop's wall time. Batches are confirmed and committed in the order they were fetched, and a
+failed confirmation hands back *every* unconfirmed batch, so a commit never covers a request
+whose answer the broker has not confirmed.
+
 Every request gets exactly one answer per delivery: a prediction, or an error response plus a
 dead-letter record. A bad request never takes the worker down or holds up the others in its
 batch (the Ray Serve rule: a batch returns as many results as it got inputs).
@@ -25,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fmnist import imaging, oip, protocol
-from fmnist.brokers.base import Broker, Consumer, Message, OutMessage, Producer
+from fmnist.brokers.base import Broker, Confirmation, Consumer, Message, OutMessage, Producer
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ImageError
 
@@ -75,6 +82,16 @@ class BatchResult:
     inference_ms: float
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A batch whose answers were sent but not yet confirmed, so its requests are not
+    committed."""
+
+    messages: list[Message]
+    result: BatchResult
+    confirmation: Confirmation
+
+
 class Worker:
     def __init__(self, cfg: Config, broker: Broker, predictor: Any, group: str,
                  worker_id: str | None = None, observers: list[Callable[..., None]] | None = None
@@ -88,6 +105,7 @@ class Worker:
         self.stop_event = threading.Event()
         self.observers = observers or []
         self._known_topics: set[str] = set()
+        self._in_flight: deque[InFlight] = deque()  # oldest first
 
     # -- pure part: a batch of messages in, messages to publish out -------------------------
 
@@ -215,6 +233,9 @@ class Worker:
                     backoff = 0.5
                 self.serve_once(consumer, producer)
             except BrokerError as exc:
+                # What was in flight is not committed: the broker delivers it again to the
+                # consumer that replaces this one (or to another member of the group).
+                self._in_flight.clear()
                 self._connect_state(f"unavailable, retrying in {backoff:.1f} s")
                 log.warning("broker problem: %s; retrying in %.1f s", exc.message, backoff)
                 for closable in (consumer, producer):
@@ -226,16 +247,29 @@ class Worker:
                 consumer = producer = None
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-        for closable in (consumer, producer):
-            if closable is not None:
-                closable.close()
+        try:
+            if consumer is not None:
+                self.settle(consumer)  # drain: the last batch's answers confirmed, committed
+        except BrokerError as exc:
+            log.warning("the last batch was not confirmed (%s); it will be delivered again",
+                        exc.message)
+        finally:
+            for closable in (consumer, producer):
+                if closable is not None:
+                    closable.close()
 
     def serve_once(self, consumer: Consumer, producer: Producer) -> int:
-        """One micro-batch: fill, predict, publish + confirm, commit. Returns its size."""
+        """One micro-batch: fill, predict, send; then confirm and commit the batch sent before
+        it. Returns the new batch's size; 0 when nothing came (the batch in flight, if any, is
+        then settled, so a loop until 0 leaves everything answered and committed)."""
         self.stats.last_loop = time.monotonic()
         max_batch = self.cfg.serve.max_batch_size
-        messages = consumer.next_batch(max_batch, timeout_s=0.2)
+        # With a batch in flight, look for more without waiting: if nothing is there, settle
+        # that batch now rather than leaving it uncommitted for the idle timeout.
+        wait_s = 0.0 if self._in_flight else 0.2
+        messages = consumer.next_batch(max_batch, timeout_s=wait_s)
         if not messages:
+            self.settle(consumer)
             return 0
         # The first request is here; wait at most max_wait_ms for the batch to fill.
         deadline = time.monotonic() + self.cfg.serve.max_wait_ms / 1000
@@ -247,14 +281,35 @@ class Worker:
         result = self.process(messages)
         self._ensure_reply_topics(result.out)
         try:
-            producer.publish(result.out, timeout_s=30)
+            confirmation = producer.send(result.out, timeout_s=30)
         except BrokerError:
-            consumer.redeliver(messages)  # never commit what was not answered
-            self.stats.redelivered += len(messages)
+            self._hand_back(consumer, messages)
             raise
-        consumer.commit(messages)
-        self._record(messages, result)
+        self._in_flight.append(InFlight(messages, result, confirmation))
+        self.settle(consumer, keep=1)
         return len(messages)
+
+    def settle(self, consumer: Consumer, keep: int = 0) -> None:
+        """Confirm and commit the batches in flight, oldest first, until ``keep`` are left.
+        One that was not confirmed is handed back for redelivery with every batch after it
+        (BrokerError is raised)."""
+        while len(self._in_flight) > keep:
+            batch = self._in_flight[0]
+            try:
+                batch.confirmation.wait()
+            except BrokerError:
+                self._hand_back(consumer, [])
+                raise
+            self._in_flight.popleft()
+            consumer.commit(batch.messages)
+            self._record(batch.messages, batch.result)
+
+    def _hand_back(self, consumer: Consumer, messages: list[Message]) -> None:
+        """Never commit what was not answered: redeliver these and every batch in flight."""
+        unconfirmed = [m for batch in self._in_flight for m in batch.messages] + messages
+        self._in_flight.clear()
+        consumer.redeliver(unconfirmed)
+        self.stats.redelivered += len(unconfirmed)
 
     def _ensure_reply_topics(self, out: list[OutMessage]) -> None:
         """Per-client reply topics (res_predict.<x>) are created on first use."""

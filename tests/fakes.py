@@ -20,7 +20,7 @@ class MemoryBroker:
     name: str = "memory"
     topics: dict[str, list[OutMessage]] = field(default_factory=dict)
     committed: dict[tuple[str, str], int] = field(default_factory=dict)
-    fail_publishes: int = 0  # the next N publish() calls raise BrokerError
+    fail_publishes: int = 0  # the next N sends fail: their wait() raises BrokerError
 
     def check(self, timeout_s: float) -> None: ...
 
@@ -75,14 +75,29 @@ class MemoryConsumer:
 class MemoryProducer:
     broker: MemoryBroker
 
-    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
+    def send(self, messages: list[OutMessage], timeout_s: float) -> MemoryConfirmation:
+        """Delivers at once, or (``fail_publishes``) not at all: then ``wait`` raises, as a
+        real client reports a failed send on its future, not when it is queued."""
         if self.broker.fail_publishes:
             self.broker.fail_publishes -= 1
-            raise BrokerError("publish failed (injected)")
+            return MemoryConfirmation(BrokerError("publish failed (injected)"))
         for m in messages:
             self.broker.topics.setdefault(m.topic, []).append(m)
+        return MemoryConfirmation(None)
+
+    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
+        self.send(messages, timeout_s).wait()
 
     def close(self) -> None: ...
+
+
+@dataclass
+class MemoryConfirmation:
+    error: BrokerError | None
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class BrightnessPredictor:

@@ -1,8 +1,10 @@
 """The one small interface both brokers implement.
 
 A worker needs four things from a broker: receive a batch of requests, publish responses and
-wait until the broker confirms them, acknowledge (commit) requests only after that, and give
-requests back for redelivery when publishing failed. Everything vendor-specific (Kafka
+learn when the broker has confirmed them, acknowledge (commit) requests only after that, and
+give requests back for redelivery when publishing failed. Sending and confirming are separate
+calls (``send`` returns a ``Confirmation``) so that a worker can fetch and predict the next batch
+while the broker confirms the last one. Everything vendor-specific (Kafka
 partitions and offsets, Pub/Sub ack ids and flow control) stays inside the adapter modules;
 the vendor's message type never leaves them.
 """
@@ -52,9 +54,18 @@ class Consumer(Protocol):
     def close(self) -> None: ...
 
 
+class Confirmation(Protocol):
+    def wait(self) -> None:
+        """Block until the broker has confirmed every message of the ``send`` that made this
+        (at most its ``timeout_s`` after that send); raise BrokerError if any was not."""
+
+
 class Producer(Protocol):
+    def send(self, messages: list[OutMessage], timeout_s: float) -> Confirmation:
+        """Hand all to the client library and return at once; ``wait`` on the result."""
+
     def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
-        """Send all and block until the broker confirms each; raise BrokerError if any failed."""
+        """``send(messages, timeout_s).wait()``: send all and block until each is confirmed."""
 
     def close(self) -> None: ...
 

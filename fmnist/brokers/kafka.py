@@ -297,10 +297,8 @@ class KafkaTopicProducer:
     def __init__(self, broker: KafkaBroker) -> None:
         self.broker = broker
 
-    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
-        """Send all, then wait on every send (``flush`` would not raise for a failed one)."""
-        if not messages:
-            return
+    def send(self, messages: list[OutMessage], timeout_s: float) -> KafkaConfirmation:
+        """Queue all in the producer (its I/O thread sends them); ``wait`` checks each one."""
         producer = self.broker.shared_producer()
         deadline = time.monotonic() + timeout_s
         sent = []
@@ -309,24 +307,41 @@ class KafkaTopicProducer:
                 sent.append((m, producer.send(
                     m.topic, value=m.value, key=None if m.key is None else m.key.encode(),
                     headers=[(name, value.encode()) for name, value in m.headers.items()])))
-        failed: list[tuple[OutMessage, BaseException]] = []
-        for m, future in sent:
-            try:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-            except kerr.KafkaError as exc:
-                failed.append((m, exc))
-        if failed:
-            self.broker.discard_producer(producer)
-            m, first_error = failed[0]
-            what = f"confirm {len(failed)} of {len(messages)} message(s) to {m.topic}"
-            if isinstance(first_error, kerr.KafkaTimeoutError):
-                raise BrokerTimeout(f"Kafka at {self.broker.address} did not {what} within "
-                                    f"{timeout_s:g} s.", "Is the broker up? "
-                                    "`scripts/brokers up` starts the local one.")
-            raise self.broker.error(what, first_error)
+        return KafkaConfirmation(self.broker, producer, sent, timeout_s, deadline)
+
+    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
+        self.send(messages, timeout_s).wait()
 
     def close(self) -> None:
         """Nothing to release: the producer belongs to the broker and closes with it."""
+
+
+class KafkaConfirmation:
+    """The futures of one ``send``: ``wait`` checks every one (``flush`` would not raise for a
+    failed send) and discards a producer that failed to deliver (``discard_producer``)."""
+
+    def __init__(self, broker: KafkaBroker, producer: Any, sent: list[tuple[OutMessage, Any]],
+                 timeout_s: float, deadline: float) -> None:
+        self.broker, self.producer, self.sent = broker, producer, sent
+        self.timeout_s, self.deadline = timeout_s, deadline
+
+    def wait(self) -> None:
+        failed: list[tuple[OutMessage, BaseException]] = []
+        for m, future in self.sent:
+            try:
+                future.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            except kerr.KafkaError as exc:
+                failed.append((m, exc))
+        if not failed:
+            return
+        self.broker.discard_producer(self.producer)
+        m, first_error = failed[0]
+        what = f"confirm {len(failed)} of {len(self.sent)} message(s) to {m.topic}"
+        if isinstance(first_error, kerr.KafkaTimeoutError):
+            raise BrokerTimeout(f"Kafka at {self.broker.address} did not {what} within "
+                                f"{self.timeout_s:g} s.", "Is the broker up? "
+                                "`scripts/brokers up` starts the local one.")
+        raise self.broker.error(what, first_error)
 
 
 class _Rebalances(ConsumerRebalanceListener):

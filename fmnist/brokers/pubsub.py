@@ -251,8 +251,8 @@ class PubsubProducer:
     def __init__(self, broker: PubsubBroker) -> None:
         self.broker = broker
 
-    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
-        """Send all, then wait for every one to be confirmed; BrokerError if any was not.
+    def send(self, messages: list[OutMessage], timeout_s: float) -> PubsubConfirmation:
+        """Hand all to the publisher client (it batches for up to 2 ms); ``wait`` checks each.
 
         ``key`` is not sent (no ordering keys: they serialize a key's messages); headers become
         attributes.
@@ -264,27 +264,11 @@ class PubsubProducer:
                    publisher.publish(self.broker.topic_path(m.topic), m.value,
                                      retry=_retry(timeout_s), timeout=timeout_s, **m.headers)
                    for m in messages]
-        failed: list[tuple[OutMessage, BaseException]] = []
-        for message, future in zip(messages, pending, strict=True):
-            try:
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except futures.TimeoutError as exc:
-                failed.append((message, exc))
-            except Exception as exc:  # the future carries the RPC's error
-                failed.append((message, exc))
-        if failed:
-            message, first_error = failed[0]
-            if isinstance(first_error, futures.TimeoutError):
-                raise BrokerError(
-                    f"Pub/Sub at {self.broker.address} did not confirm {len(failed)} of "
-                    f"{len(messages)} message(s) within {timeout_s:g} s.",
-                    "Is the broker up? `scripts/brokers up` starts the local emulator.")
-            if isinstance(first_error, gexc.NotFound):
-                raise BrokerError(f"Pub/Sub topic {message.topic} does not exist "
-                                  f"({len(failed)} of {len(messages)} message(s) not sent).",
-                                  "Create it first (`broker.create_topics: true`).")
-            raise self.broker.error(f"publish {len(failed)} of {len(messages)} message(s) "
-                                    f"to {message.topic}", first_error)
+        return PubsubConfirmation(self.broker, list(zip(messages, pending, strict=True)),
+                                  timeout_s, deadline)
+
+    def publish(self, messages: list[OutMessage], timeout_s: float) -> None:
+        self.send(messages, timeout_s).wait()
 
     def _direct(self, publisher: Any, m: OutMessage, timeout_s: float) -> futures.Future[Any]:
         """One unbatched Publish RPC, for a message with an attribute named like a keyword of
@@ -302,6 +286,37 @@ class PubsubProducer:
 
     def close(self) -> None:
         """Nothing to release: the client belongs to the broker and closes with it."""
+
+
+class PubsubConfirmation:
+    """The futures of one ``send``; ``wait`` checks every one."""
+
+    def __init__(self, broker: PubsubBroker, sent: list[tuple[OutMessage, futures.Future[Any]]],
+                 timeout_s: float, deadline: float) -> None:
+        self.broker, self.sent, self.timeout_s, self.deadline = broker, sent, timeout_s, deadline
+
+    def wait(self) -> None:
+        failed: list[tuple[OutMessage, BaseException]] = []
+        for message, future in self.sent:
+            try:
+                future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+            except futures.TimeoutError as exc:
+                failed.append((message, exc))
+            except Exception as exc:  # the future carries the RPC's error
+                failed.append((message, exc))
+        if not failed:
+            return
+        message, first_error = failed[0]
+        count = f"{len(failed)} of {len(self.sent)} message(s)"
+        if isinstance(first_error, futures.TimeoutError):
+            raise BrokerError(
+                f"Pub/Sub at {self.broker.address} did not confirm {count} within "
+                f"{self.timeout_s:g} s.",
+                "Is the broker up? `scripts/brokers up` starts the local emulator.")
+        if isinstance(first_error, gexc.NotFound):
+            raise BrokerError(f"Pub/Sub topic {message.topic} does not exist ({count} not sent).",
+                              "Create it first (`broker.create_topics: true`).")
+        raise self.broker.error(f"publish {count} to {message.topic}", first_error)
 
 
 class PubsubConsumer:

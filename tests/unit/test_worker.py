@@ -88,6 +88,7 @@ def test_bad_requests_get_error_answers_and_dead_letters_without_hurting_neighbo
     producer.publish([request(png(30), "good-1"), request(b"", "empty"),
                       request(b"\x00garbage" * 10, "garbage"), request(png(230), "good-2")], 1)
     worker.serve_once(consumer, producer)
+    worker.settle(consumer)
     got = {a["request_id"]: a for a in answers(broker)}
     assert got["good-1"]["label"] == 1 and got["good-2"]["label"] == 9
     assert got["empty"]["status"] == "error"
@@ -116,13 +117,49 @@ def test_failed_publish_commits_nothing_and_redelivers(cfg) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
     producer.publish([request(png(30), "a"), request(png(60), "b")], 1)
     broker.fail_publishes = 1
+    assert worker.serve_once(consumer, producer) == 2  # sent; the failure shows on confirming
     with pytest.raises(BrokerError):
-        worker.serve_once(consumer, producer)
+        worker.serve_once(consumer, producer)  # nothing new: settles the batch in flight
     assert (REQ, "g") not in broker.committed
     assert broker.topics[RES] == []
+    assert worker.stats.redelivered == 2
     assert worker.serve_once(consumer, producer) == 2  # delivered again, answered
+    worker.settle(consumer)
     assert sorted(a["request_id"] for a in answers(broker)) == ["a", "b"]
     assert broker.committed[(REQ, "g")] == 2
+
+
+def test_answers_go_out_before_the_batch_is_committed_and_commits_follow_fetch_order(cfg
+                                                                                      ) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(30), f"r{i}") for i in range(12)], 1)
+    assert worker.serve_once(consumer, producer) == 8
+    assert len(answers(broker)) == 8  # handed to the broker at once...
+    assert (REQ, "g") not in broker.committed  # ...committed only once confirmed
+    assert worker.stats.processed == 0
+    assert worker.serve_once(consumer, producer) == 4  # batch 2 sent, then batch 1 settled
+    assert broker.committed[(REQ, "g")] == 8
+    assert worker.stats.processed == 8
+    assert worker.serve_once(consumer, producer) == 0  # nothing new: batch 2 settled
+    assert broker.committed[(REQ, "g")] == 12
+    assert worker.stats.processed == 12
+
+
+def test_an_unconfirmed_batch_is_redelivered_with_every_batch_sent_after_it(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(30), f"r{i}") for i in range(12)], 1)
+    broker.fail_publishes = 1  # batch 1 (r0..r7) is lost; batch 2 (r8..r11) is delivered
+    assert worker.serve_once(consumer, producer) == 8
+    with pytest.raises(BrokerError):
+        worker.serve_once(consumer, producer)  # sends batch 2, then batch 1 fails to confirm
+    assert (REQ, "g") not in broker.committed  # batch 2's commit would have covered batch 1
+    assert worker.stats.redelivered == 12
+    while worker.serve_once(consumer, producer):
+        pass
+    ids = [a["request_id"] for a in answers(broker)]
+    assert sorted(set(ids)) == sorted(f"r{i}" for i in range(12))  # all answered...
+    assert sorted(ids).count("r8") == 2  # ...batch 2 twice: at-least-once, same request_id
+    assert broker.committed[(REQ, "g")] == 12
 
 
 def test_run_survives_broker_errors_and_keeps_serving(cfg) -> None:
