@@ -1,4 +1,5 @@
-"""fmnist.imaging: every error code with real bytes, every mode and format, the inversion rule."""
+"""fmnist.imaging: every error code with real bytes, every mode and format, the inversion rule;
+and its fast path for greyscale PNGs (fmnist.png), against Pillow's path."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from fmnist import config, data, imaging
+from fmnist import config, data, imaging, png
 from fmnist.config import ImagingConfig
 from fmnist.errors import ConfigError, ImageError
 from fmnist.model import CLASS_NAMES
@@ -483,3 +484,317 @@ def test_sample_images_are_the_recorded_test_images(test_split: data.Split) -> N
         index = entry["test_index"]
         assert not (test_split.labels[:index] == entry["label"]).any(), "not the first of its class"
         np.testing.assert_array_equal(imaging.decode(payload, CFG), test_split.images[index])
+
+
+# --- the PNG fast path (fmnist.png) ---------------------------------------------------------
+
+ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+         (1, 0, 2, 1))  # (top, left, row step, column step) of each interlace pass
+FILTER_NAMES = {0: "None", 1: "Sub", 2: "Up", 3: "Average", 4: "Paeth"}
+OBJECT = np.zeros((28, 28), np.uint8)  # a noisy object on black: auto keeps it as it is
+OBJECT[4:24, 6:22] = np.random.default_rng(7).integers(0, 256, (20, 16))
+# Values 0..4: every byte of its scanlines is a valid filter type, so data misread as 8-bit
+# grey rows still decodes and only the header check can send it to Pillow.
+TINY = OBJECT % 5
+
+
+def via_pillow(payload: bytes, cfg: ImagingConfig = CFG) -> np.ndarray:
+    """``imaging.decode`` with the fast path switched off: the Pillow path it had before."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(png, "decode_grey", lambda payload: None)
+        return imaging.decode(payload, cfg)
+
+
+def pillow_grey(payload: bytes) -> np.ndarray:
+    """The uint8 pixels Pillow decodes, before ``_to_model_input``."""
+    grey, alpha = imaging._open(payload, "PNG", CFG.max_pixels, "imaging.max_pixels")
+    assert alpha is None
+    return grey
+
+
+def png_chunks(payload: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a well-formed PNG."""
+    chunks, pos = [], len(PNG_SIGNATURE)
+    while pos < len(payload):
+        (length,) = struct.unpack_from(">I", payload, pos)
+        chunks.append((payload[pos + 4:pos + 8], payload[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def png_from(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return PNG_SIGNATURE + b"".join(png_chunk(kind, body) for kind, body in chunks)
+
+
+def png_of_rows(rows: bytes, width: int = 28, height: int = 28, depth: int = 8, colour: int = 0,
+                interlace: int = 0) -> bytes:
+    """A PNG (greyscale unless ``colour`` says) of already filtered ``rows``, in one IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return png_from([(b"IHDR", ihdr), (b"IDAT", zlib.compress(rows)), (b"IEND", b"")])
+
+
+def scanlines(pixels: np.ndarray, filters: bytes = b"\x00") -> bytes:
+    """Each row's bytes, unfiltered, after a filter-type byte taken in turn from ``filters``."""
+    return b"".join(bytes([filters[i % len(filters)]]) + row.tobytes()
+                    for i, row in enumerate(pixels))
+
+
+def adam7(pixels: np.ndarray) -> bytes:
+    """Scanlines (filter type None) of the seven Adam7 interlace passes."""
+    passes = [pixels[top::dy, left::dx] for top, left, dy, dx in ADAM7]
+    return b"".join(scanlines(sub) for sub in passes if sub.size)
+
+
+def inflated(payload: bytes) -> bytes:
+    return zlib.decompress(b"".join(body for kind, body in png_chunks(payload) if kind == b"IDAT"))
+
+
+def with_chunk(payload: bytes, kind: bytes, body: bytes, before: bytes = b"IDAT") -> bytes:
+    """``payload`` with a chunk inserted before the first chunk of type ``before``."""
+    chunks = png_chunks(payload)
+    at = [name for name, _ in chunks].index(before)
+    return png_from([*chunks[:at], (kind, body), *chunks[at:]])
+
+
+def with_bad_crc(payload: bytes, kind: bytes) -> bytes:
+    pos = len(PNG_SIGNATURE)
+    while payload[pos + 4:pos + 8] != kind:
+        pos += 12 + struct.unpack_from(">I", payload, pos)[0]
+    crc_at = pos + 8 + struct.unpack_from(">I", payload, pos)[0]
+    return patched(payload, crc_at, bytes([payload[crc_at] ^ 0xFF]))
+
+
+def zlib_bomb(pixels: np.ndarray, extra_mib: int) -> bytes:
+    """A grey PNG of ``pixels`` whose IDAT inflates to their rows and then ``extra_mib`` MiB of
+    zeros: one fully flushed deflate block of a MiB of zeros (it refers to nothing before it),
+    repeated, then an empty final block and the Adler-32 of it all."""
+    rows, zeros = scanlines(pixels), bytes(2**20)
+    deflate = zlib.compressobj(9)
+    head = deflate.compress(rows) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    adler = zlib.adler32(rows)
+    for _ in range(extra_mib):
+        adler = zlib.adler32(zeros, adler)
+    stream = head + block * extra_mib + b"\x03\x00" + struct.pack(">I", adler)
+    ihdr = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, 0, 0, 0, 0)
+    return png_from([(b"IHDR", ihdr), (b"IDAT", stream), (b"IEND", b"")])
+
+
+def sample_payloads() -> list[bytes]:
+    return [path.read_bytes() for path in sorted((ROOT / "Images").glob("*.png"))]
+
+
+def test_fast_path_reads_the_sample_images_as_pillow_does() -> None:
+    for payload in sample_payloads():
+        grey = png.decode_grey(payload)
+        assert grey is not None and grey.dtype == np.uint8 and grey.shape == (28, 28)
+        np.testing.assert_array_equal(grey, pillow_grey(payload))
+        np.testing.assert_array_equal(imaging.decode(payload, CFG), via_pillow(payload))
+
+
+def test_decode_opens_only_the_other_images_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real_open = imaging._open
+
+    def counting_open(payload: bytes, fmt: str, limit: int, limit_name: str) -> object:
+        opened.append(fmt)
+        return real_open(payload, fmt, limit, limit_name)
+
+    monkeypatch.setattr(imaging, "_open", counting_open)
+    for payload in [*sample_payloads(), encode(square(size=(40, 30)))]:
+        imaging.decode(payload, CFG)
+    assert opened == []
+    imaging.decode(encode(square("RGB")), CFG)
+    imaging.decode(encode(square(), "GIF"), CFG)
+    assert opened == ["PNG", "GIF"]
+
+
+def test_fast_path_matches_pillow_for_every_filter_type(test_split: data.Split) -> None:
+    """Pillow's encoder picks a filter per row; optimize=True also uses Average."""
+    seen: set[int] = set()
+    for options in ({}, {"compress_level": 0}, {"compress_level": 1}, {"compress_level": 9},
+                    {"optimize": True}):
+        for index in range(0, 3000, 10):
+            payload = encode(Image.fromarray(test_split.images[index]), **options)
+            seen.update(inflated(payload)[::29])
+            grey = png.decode_grey(payload)
+            assert grey is not None, (options, index)
+            np.testing.assert_array_equal(grey, pillow_grey(payload))
+            np.testing.assert_array_equal(grey, test_split.images[index])
+            np.testing.assert_array_equal(imaging.decode(payload, CFG), via_pillow(payload))
+    assert {FILTER_NAMES[f] for f in seen} == set(FILTER_NAMES.values())
+
+
+def test_fast_path_joins_idat_chunks(test_split: data.Split) -> None:
+    payload = encode(Image.fromarray(test_split.images[0]), optimize=True)
+    (ihdr, (idat, stream), iend) = png_chunks(payload)
+    assert idat == b"IDAT"
+    pieces = [(b"IDAT", stream[i:i + 50]) for i in range(0, len(stream), 50)]
+    split = png_from([ihdr, *pieces, (b"IDAT", b""), iend])
+    grey = png.decode_grey(split)
+    assert grey is not None and len(pieces) > 3
+    np.testing.assert_array_equal(grey, test_split.images[0])
+    np.testing.assert_array_equal(pillow_grey(split), test_split.images[0])
+
+
+@pytest.mark.parametrize("image", [
+    square("L", (40, 30), box=(10, 5, 30, 25)),  # trimmed and scaled
+    square("L", (30, 40), background=230, colour=20, box=(5, 10, 25, 30)),  # inverted too
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (7, 300), dtype=np.uint8)),
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 5), dtype=np.uint8)),
+    Image.new("L", (1, 1), 255),
+], ids=["40x30", "30x40-light", "300x7-noise", "5x64-noise", "1x1"])
+def test_fast_path_hands_other_sizes_to_fit(image: Image.Image) -> None:
+    for options in ({}, {"optimize": True}):
+        payload = encode(image, **options)
+        grey = png.decode_grey(payload)
+        assert grey is not None
+        np.testing.assert_array_equal(grey, np.asarray(image))
+        decoded = imaging.decode(payload, CFG)
+        assert decoded.shape == (28, 28)
+        np.testing.assert_array_equal(decoded, via_pillow(payload))
+
+
+@pytest.mark.parametrize(("kind", "length"), sorted(png.HARMLESS.items()))
+@pytest.mark.parametrize("before", [b"IDAT", b"IEND"])
+def test_harmless_chunks_keep_the_fast_path(kind: bytes, length: int, before: bytes) -> None:
+    payload = with_chunk(encode(Image.fromarray(OBJECT)), kind, bytes(range(1, length + 1)),
+                         before)
+    grey = png.decode_grey(payload)
+    assert grey is not None
+    np.testing.assert_array_equal(grey, OBJECT)
+    np.testing.assert_array_equal(pillow_grey(payload), OBJECT)
+
+
+def test_pillow_dpi_keeps_the_fast_path() -> None:
+    payload = encode(Image.fromarray(OBJECT), dpi=(300, 300))
+    assert b"pHYs" in payload
+    assert png.decode_grey(payload) is not None
+
+
+def exif_orientation(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+PLAIN = encode(Image.fromarray(OBJECT))
+PLAIN_IHDR, (_, PLAIN_STREAM), PLAIN_IEND = png_chunks(PLAIN)
+SHORT_IDAT = png_from([PLAIN_IHDR, (b"IDAT", PLAIN_STREAM[:len(PLAIN_STREAM) // 2]), PLAIN_IEND])
+BROKEN_RUN = png_from([PLAIN_IHDR, (b"IDAT", PLAIN_STREAM[:100]), (b"gAMA", bytes(4)),
+                       (b"IDAT", PLAIN_STREAM[100:]), PLAIN_IEND])
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    # anomalies: Pillow refuses them, or reads them its own way
+    (with_bad_crc(PLAIN, b"IHDR"), "undecodable_image"),
+    (with_bad_crc(PLAIN, b"IDAT"), OBJECT),  # Pillow checks no CRC from the first IDAT on
+    (with_bad_crc(PLAIN, b"IEND"), OBJECT),
+    (PLAIN[:len(PLAIN) // 2], "undecodable_image"),
+    (SHORT_IDAT, "undecodable_image"),
+    (png_of_rows(scanlines(OBJECT, b"\x00\x05")), "undecodable_image"),  # filter type 5
+    (png_of_rows(scanlines(OBJECT)[:-5] + b"\x00"), "undecodable_image"),  # a short row
+    (BROKEN_RUN, "undecodable_image"),  # Pillow stops reading image data at the gAMA
+    (with_chunk(PLAIN, b"gAMA", bytes(3)), "undecodable_image"),  # "Truncated gAMA chunk"
+    (with_chunk(PLAIN, b"gAMA", bytes(5)), OBJECT),
+    (PLAIN + b"trailing bytes", OBJECT),
+    (PLAIN[:-12] + png_chunk(b"IEND", b"data"), OBJECT),
+    (PLAIN[:-12], OBJECT),  # no IEND
+    (png_of_rows(b"", height=0), "undecodable_image"),
+    # chunks that change the pixels, or that we do not vouch for
+    (encode(square(colour=200), transparency=200), np.zeros((28, 28))),  # tRNS: 200 is clear
+    (encode(Image.fromarray(OBJECT), exif=exif_orientation(6)), np.rot90(OBJECT, -1)),  # eXIf: rotated
+    (with_chunk(PLAIN, b"PLTE", bytes(range(6))), OBJECT),
+    (with_chunk(PLAIN, b"sBIT", b"\x04"), OBJECT),
+    (with_chunk(PLAIN, b"bKGD", b"\x00\x80"), OBJECT),
+    (with_chunk(PLAIN, b"tEXt", b"Software\x00fmnist"), OBJECT),
+    (with_chunk(PLAIN, b"tEXt", b"Comment\x00after", b"IEND"), OBJECT),
+    (with_chunk(PLAIN, b"prIv", b"private data"), OBJECT),  # unknown ancillary
+    (with_chunk(PLAIN, b"CRIT", b"critical?"), OBJECT),  # unknown critical: Pillow ignores it
+    # other modes
+    (png_of_rows(adam7(TINY), interlace=1), TINY),
+    (png_of_rows(scanlines((TINY.astype(">u2") * 257).view(np.uint8)), depth=16), TINY),
+    (png_of_rows(scanlines(np.repeat(TINY, 3, axis=1)), colour=2), TINY),  # RGB
+    (encode(Image.fromarray(OBJECT).convert("P")), OBJECT),
+    (encode(Image.fromarray(TINY).convert("LA")), TINY),
+    (encode(Image.fromarray(OBJECT > 127)), np.where(OBJECT > 127, 255, 0)),  # 1-bit grey
+], ids=[
+    "bad-crc-IHDR", "bad-crc-IDAT", "bad-crc-IEND", "truncated-file", "truncated-IDAT",
+    "bad-filter-byte", "short-row", "IDAT-run-broken", "gAMA-too-short", "gAMA-too-long",
+    "after-IEND", "IEND-with-data", "no-IEND", "zero-height", "tRNS", "eXIf-orientation", "PLTE",
+    "sBIT", "bKGD", "tEXt", "tEXt-after-IDAT", "unknown-ancillary", "unknown-critical",
+    "interlaced", "16-bit", "RGB", "palette", "LA", "1-bit"])
+def test_fast_path_falls_back_to_pillow(payload: bytes, expected: str | np.ndarray) -> None:
+    """None from the fast path, so Pillow's path runs, with the outcome it always had."""
+    assert png.decode_grey(payload) is None
+    if isinstance(expected, str):
+        error = error_of(payload)
+        assert error.code == expected
+        assert error.message.startswith("The payload has a PNG image signature but cannot be "
+                                        "decoded: ")
+    else:
+        np.testing.assert_array_equal(imaging.decode(payload, CFG), expected)
+
+
+def test_fast_path_leaves_big_images_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = encode(Image.fromarray(OBJECT))
+    assert png.decode_grey(payload) is not None
+    monkeypatch.setattr(png, "MAX_PIXELS", 28 * 28 - 1)
+    assert png.decode_grey(payload) is None
+    np.testing.assert_array_equal(imaging.decode(payload, CFG), OBJECT)
+
+
+def test_fast_path_keeps_pillows_reading_of_the_deflate_stream() -> None:
+    """Pillow's decoder stops after the last row and ends the image where the stream ends on a
+    row boundary: the fast path, with the same decoder, gives the same pixels."""
+    rows = scanlines(OBJECT)
+    short = np.zeros_like(OBJECT)
+    short[:10] = OBJECT[:10]
+    for stream, expected in ((zlib.compress(rows + rows), OBJECT),
+                             (zlib.compress(rows) + b"garbage", OBJECT),
+                             (zlib.compress(rows[:29 * 10]), short)):
+        payload = png_from([(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)),
+                            (b"IDAT", stream), (b"IEND", b"")])
+        grey = png.decode_grey(payload)
+        assert grey is not None
+        np.testing.assert_array_equal(grey, expected)
+        np.testing.assert_array_equal(pillow_grey(payload), expected)
+
+
+def test_zlib_bomb_helper_builds_a_valid_stream() -> None:
+    bomb = zlib_bomb(OBJECT, 2)
+    assert inflated(bomb) == scanlines(OBJECT) + bytes(2 * 2**20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
+def test_zlib_bomb_inflates_no_further_than_the_image(tmp_path: Path) -> None:
+    """An IDAT that inflates to 400 MiB, under a 256 MiB address-space budget: the fast path
+    and Pillow's path both read the 28 rows the header promises and stop there."""
+    bomb = zlib_bomb(OBJECT, 400)
+    assert len(bomb) < CFG.max_payload_bytes
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    np.save(tmp_path / "object.npy", OBJECT)
+    child = textwrap.dedent("""
+        import pathlib, resource, sys
+        import numpy as np
+        from fmnist import imaging, png
+        from fmnist.config import ImagingConfig
+        folder = pathlib.Path(sys.argv[1])
+        bomb, expected = (folder / "bomb.png").read_bytes(), np.load(folder / "object.npy")
+        status = pathlib.Path("/proc/self/status").read_text()
+        used = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmSize")))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (used * 1024 + 256 * 2**20, hard))
+        print("fast path", np.array_equal(png.decode_grey(bomb), expected))
+        print("decode", np.array_equal(imaging.decode(bomb, ImagingConfig()), expected))
+        png.decode_grey = lambda payload: None
+        print("pillow", np.array_equal(imaging.decode(bomb, ImagingConfig()), expected))
+        try:
+            bytearray(400 * 2**20)
+        except MemoryError:
+            print("limit bites")
+    """)
+    result = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.split("\n") == [
+        "fast path True", "decode True", "pillow True", "limit bites", ""]
