@@ -38,7 +38,7 @@ def main() -> int:
     logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)
     broker = connect(cfg.serve.broker, cfg)
     worker = EchoWorker(cfg, broker, predictor=None, group=group_for(cfg.serve.broker, cfg),
-                        worker_id=worker_id)
+                        worker_id=worker_id, freeze_heap=True)  # as `fmnist serve`
     install_signal_handlers(worker)
     logging.getLogger("fmnist.echo").info("echo worker on %s: %s -> %s", cfg.serve.broker,
                                           cfg.broker.request_topic, cfg.broker.response_topic)

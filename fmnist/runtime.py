@@ -8,6 +8,7 @@ used ~1.2 of 2 cores; we size them to the machine (or to `threads` in the config
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -35,6 +36,21 @@ def quiet_native_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def freeze_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's sight (``gc.freeze``).
+
+    A loaded and warmed model leaves ~260 k long-lived objects (JAX, Keras, the model). Each
+    full (generation 2) collection scanned them all: 130-160 ms with the serve loop stopped,
+    every few seconds under load, which was the whole p99 at 200 req/s (110-180 ms against
+    ~20 ms at p95). Frozen objects are never scanned; the loop's short-lived garbage is still
+    collected and reference counting frees as before. Called again after a hot reload: unfreeze
+    first, so that the model swapped out (full of reference cycles) can be collected.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def select_backend(preferred: str = "auto", threads: int = 0, auto: str = "jax") -> str:

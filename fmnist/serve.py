@@ -51,7 +51,7 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     metrics = Metrics(cfg.serve.broker)
     metrics.set_model(predictor.name, predictor.version)
     worker = Worker(cfg, InstrumentedBroker(broker, metrics), predictor,
-                    group_for(cfg.serve.broker, cfg), worker_id)
+                    group_for(cfg.serve.broker, cfg), worker_id, freeze_heap=True)
     install_signal_handlers(worker)
     worker.observers.append(metrics.observe)
     health = None

@@ -94,8 +94,8 @@ class InFlight:
 
 class Worker:
     def __init__(self, cfg: Config, broker: Broker, predictor: Any, group: str,
-                 worker_id: str | None = None, observers: list[Callable[..., None]] | None = None
-                 ) -> None:
+                 worker_id: str | None = None, observers: list[Callable[..., None]] | None = None,
+                 freeze_heap: bool = False) -> None:
         self.cfg = cfg
         self.broker = broker
         self.predictor = predictor
@@ -106,6 +106,10 @@ class Worker:
         self.observers = observers or []
         self._known_topics: set[str] = set()
         self._in_flight: deque[InFlight] = deque()  # oldest first
+        # serve: the model's objects are kept out of the garbage collector's scans
+        # (runtime.freeze_heap), again after each hot reload, between two batches.
+        self._freeze_heap = freeze_heap
+        self._frozen_with: Any = None
 
     # -- pure part: a batch of messages in, messages to publish out -------------------------
 
@@ -263,6 +267,11 @@ class Worker:
         it. Returns the new batch's size; 0 when nothing came (the batch in flight, if any, is
         then settled, so a loop until 0 leaves everything answered and committed)."""
         self.stats.last_loop = time.monotonic()
+        if self._freeze_heap and self._frozen_with is not self.predictor:
+            from fmnist.runtime import freeze_heap
+
+            self._frozen_with = self.predictor  # first: this was the last reference to the old
+            freeze_heap()
         max_batch = self.cfg.serve.max_batch_size
         # With a batch in flight, look for more without waiting: if nothing is there, settle
         # that batch now rather than leaving it uncommitted for the idle timeout.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -271,3 +273,24 @@ def test_dead_letters_are_bounded_so_the_broker_always_takes_them(cfg) -> None:
     assert letter.headers["dlq_error_code"] == "invalid_headers"  # 201 headers: checked first
     assert letter.headers["request_id"] == "big"  # protocol headers kept first
     assert len([k for k in letter.headers if not k.startswith("dlq_")]) <= 64
+
+
+def test_the_heap_is_frozen_at_start_and_a_model_swapped_out_is_still_collected(cfg) -> None:
+    broker = MemoryBroker()
+    broker.ensure_topics([REQ, RES, DLQ])
+    old = BrightnessPredictor()
+    old.itself = old  # a reference cycle, as a Keras model has: only the cyclic GC frees it
+    gone = weakref.ref(old)
+    worker = Worker(cfg, broker, old, group="g", worker_id="w1", freeze_heap=True)
+    consumer, producer = broker.consumer(REQ, group="g"), broker.producer()
+    gc.unfreeze()
+    try:
+        worker.serve_once(consumer, producer)
+        assert gc.get_freeze_count() > 0  # the model is out of the collector's scans
+        worker.predictor = BrightnessPredictor()  # a hot reload swaps the model
+        del old
+        worker.serve_once(consumer, producer)
+        assert gone() is None  # unfrozen, collected, and the heap frozen again
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
