@@ -1,6 +1,6 @@
 """The broker ceiling: a worker that answers every request with the request's own bytes.
 
-It is fmnist's own ``Worker`` with ``process`` swapped for an echo, so everything else is the
+It is fmnist's own ``Worker`` with ``prepare`` swapped for an echo, so everything else is the
 same code: the broker adapter classes from ``fmnist.brokers`` and their settings (from the same
 config and ``FMNIST_*`` environment), the micro-batching (``serve.max_batch_size`` /
 ``serve.max_wait_ms``), publish-and-confirm before commit, and SIGTERM draining. No
@@ -17,11 +17,11 @@ import sys
 from fmnist import config, logs, protocol
 from fmnist.brokers.base import Message, OutMessage, connect
 from fmnist.serve import install_signal_handlers
-from fmnist.worker import BatchResult, Worker, default_worker_id, group_for
+from fmnist.worker import BatchResult, Prepared, Worker, default_worker_id, group_for
 
 
 class EchoWorker(Worker):
-    def process(self, messages: list[Message]) -> BatchResult:
+    def prepare(self, messages: list[Message]) -> Prepared:
         topic = self.cfg.broker.response_topic
         out = []
         for m in messages:
@@ -29,7 +29,8 @@ class EchoWorker(Worker):
             out.append(OutMessage(topic, m.value, key=request_id,
                                   headers={protocol.REQUEST_ID: request_id,
                                            "worker_id": self.worker_id}))
-        return BatchResult(out, ["ok"] * len(messages), 0.0)
+        result = BatchResult(out, ["ok"] * len(messages), 0.0)
+        return Prepared(messages, lambda: result, None)
 
 
 def main() -> int:

@@ -60,8 +60,14 @@ def plan(costs: dict[int, float], max_batch: int) -> list[list[int]]:
     return [calls for _, calls in best]
 
 
-def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A compiled `probabilities = model(pixels)` for the active Keras backend."""
+Collect = Callable[[], np.ndarray]
+
+
+def compile_forward(model: Any) -> Callable[[np.ndarray], Collect]:
+    """A compiled forward pass for the active Keras backend: ``dispatch(pixels)`` starts it and
+    returns ``collect()``, which waits for the probabilities. On JAX the pass runs on XLA's
+    threads in between (JAX dispatches asynchronously), so the caller can do other work while
+    it runs; the other backends compute inside ``dispatch``."""
     import keras
 
     backend = keras.backend.backend()
@@ -72,15 +78,23 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
         fn = tf.function(lambda x: model(x, training=False), input_signature=[spec],
                          jit_compile=False,  # XLA measured slower for this model on CPU
                          autograph=False)  # nothing to convert; autograph litters /tmp
-        return lambda x: fn(tf.constant(x)).numpy()
+        return lambda x: _ready(fn(tf.constant(x)).numpy())
     if backend == "jax":
         import jax
 
         state = ([v.value for v in model.trainable_variables],
                  [v.value for v in model.non_trainable_variables])
         jitted = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
-        return lambda x: np.asarray(jitted(state[0], state[1], x))
-    return lambda x: np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+
+        def dispatch(x: np.ndarray) -> Collect:
+            running = jitted(state[0], state[1], x)
+            return lambda: np.asarray(running)
+        return dispatch
+    return lambda x: _ready(np.asarray(keras.ops.convert_to_numpy(model(x, training=False))))
+
+
+def _ready(probs: np.ndarray) -> Collect:
+    return lambda: probs
 
 
 class Predictor:
@@ -123,7 +137,7 @@ class Predictor:
         costs = {}
         for size in buckets(self.max_batch):
             zeros = np.zeros((size, 28, 28, 1), np.float32)
-            probs = self._forward(zeros)
+            probs = self._forward(zeros)()
             if probs.shape != (size, len(CLASS_NAMES)) or not np.all(np.isfinite(probs)):
                 from fmnist.errors import ModelError
 
@@ -132,7 +146,7 @@ class Predictor:
             timings = []
             for _ in range(timed_calls):  # the best of a few: start-up is a noisy time
                 started = time.perf_counter()
-                self._forward(zeros)
+                self._forward(zeros)()
                 timings.append(time.perf_counter() - started)
             costs[size] = min(timings)
         self.bucket_ms = {size: round(cost * 1000, 3) for size, cost in costs.items()}
@@ -140,19 +154,31 @@ class Predictor:
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """[N, 28, 28] or [N, 28, 28, 1] float32 pixels (0..255) -> [N, 10] probabilities."""
+        return self.start(pixels)()
+
+    def start(self, pixels: np.ndarray) -> Collect:
+        """``probabilities`` in two steps: dispatch the forward passes now (the batch plan's
+        calls, the last one padded), wait for them in the returned ``collect()``."""
         pixels = np.asarray(pixels, np.float32).reshape(-1, 28, 28, 1)
-        out = np.empty((len(pixels), len(CLASS_NAMES)), np.float32)
+        calls: list[tuple[int, int, Collect]] = []
         start = 0
-        while start < len(pixels):
-            for size in self._plan[min(self.max_batch, len(pixels) - start)]:
-                chunk = pixels[start:start + size]
-                n = len(chunk)
-                if n != size:
-                    chunk = np.concatenate([chunk, np.zeros((size - n, 28, 28, 1), np.float32)])
-                with self._lock:
-                    out[start:start + n] = self._forward(chunk)[:n]
-                start += n
-        return out if self.temperature == 1.0 else calibration.soften(out, self.temperature)
+        with self._lock:
+            while start < len(pixels):
+                for size in self._plan[min(self.max_batch, len(pixels) - start)]:
+                    chunk = pixels[start:start + size]
+                    n = len(chunk)
+                    if n != size:
+                        chunk = np.concatenate([chunk, np.zeros((size - n, 28, 28, 1),
+                                                                np.float32)])
+                    calls.append((start, n, self._forward(chunk)))
+                    start += n
+
+        def collect() -> np.ndarray:
+            out = np.empty((len(pixels), len(CLASS_NAMES)), np.float32)
+            for first, n, wait in calls:
+                out[first:first + n] = wait()[:n]
+            return out if self.temperature == 1.0 else calibration.soften(out, self.temperature)
+        return collect
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:
         return [self.describe(p) for p in self.probabilities(pixels)]

@@ -5,12 +5,13 @@ confirmed by the broker *before* their requests are committed/acked. If publishi
 requests are handed back for redelivery, never committed, so a worker killed at any instant
 loses nothing; the price is that a request may be answered twice (same request_id).
 
-Pipelined one batch deep: the answers of batch n are handed to the client library, and while
-the broker confirms them the loop fetches, decodes and predicts batch n+1; only then does it
-wait for n's confirmation and commit n. Waiting for a round trip per batch was a third of the
-loop's wall time. Batches are confirmed and committed in the order they were fetched, and a
-failed confirmation hands back *every* unconfirmed batch, so a commit never covers a request
-whose answer the broker has not confirmed.
+Pipelined, three batches at a time, so that the loop's thread never sits waiting: it fetches
+and decodes batch n+1 and dispatches its forward pass (JAX runs it on XLA's threads); while that
+runs it builds and sends the answers of batch n; then it waits for the broker to confirm batch
+n-1's answers and commits n-1. Waiting for the forward pass and for a round trip per batch was
+more than half of the loop's wall time. Batches are confirmed and committed in the order they
+were fetched, and a failed confirmation hands back *every* batch not yet confirmed, so a commit
+never covers a request whose answer the broker has not confirmed.
 
 Every request gets exactly one answer per delivery: a prediction, or an error response plus a
 dead-letter record. A bad request never takes the worker down or holds up the others in its
@@ -92,6 +93,16 @@ class InFlight:
     confirmation: Confirmation
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded with its forward pass dispatched; ``finish`` waits for the pass and
+    builds the answers."""
+
+    messages: list[Message]
+    finish: Callable[[], BatchResult]
+    predictor: Any  # the model it runs on (a hot reload may swap the worker's meanwhile)
+
+
 class Worker:
     def __init__(self, cfg: Config, broker: Broker, predictor: Any, group: str,
                  worker_id: str | None = None, observers: list[Callable[..., None]] | None = None,
@@ -105,6 +116,7 @@ class Worker:
         self.stop_event = threading.Event()
         self.observers = observers or []
         self._known_topics: set[str] = set()
+        self._prepared: Prepared | None = None  # its forward pass runs while we send others
         self._in_flight: deque[InFlight] = deque()  # oldest first
         # serve: the model's objects are kept out of the garbage collector's scans
         # (runtime.freeze_heap), again after each hot reload, between two batches.
@@ -114,9 +126,14 @@ class Worker:
     # -- pure part: a batch of messages in, messages to publish out -------------------------
 
     def process(self, messages: list[Message]) -> BatchResult:
+        """``prepare`` and ``finish`` in one go."""
+        return self.prepare(messages).finish()
+
+    def prepare(self, messages: list[Message]) -> Prepared:
+        """Parse and decode the batch and dispatch its forward pass; ``finish()`` on the result
+        waits for the pass and returns the messages to publish."""
         cfg = self.cfg
         predictor = self.predictor  # read once: a hot reload swaps models between batches
-        model = {"name": predictor.name, "version": predictor.version}
         requests: list[protocol.Request] = []
         errors: dict[int, protocol.RequestError] = {}
         rows: list[np.ndarray] = []
@@ -142,19 +159,40 @@ class Worker:
                     error = protocol.RequestError("internal_error", f"decode failed: {exc}")
             errors[i] = error
 
-        inference_ms = 0.0
-        probs = np.empty((0, 10), np.float32)
+        started = time.perf_counter()
+        collect = None
         if rows:
-            started = time.perf_counter()
             try:
-                probs = predictor.probabilities(np.concatenate(rows))
-                assert len(probs) == n_rows, "a batch must return one result per input"
+                collect = predictor.start(np.concatenate(rows))
             except Exception as exc:  # model failure: every request still gets an answer
-                log.exception("inference failed for a batch of %d", n_rows)
-                for i in spans:
-                    errors[i] = protocol.RequestError("internal_error", f"inference failed: {exc}")
-            inference_ms = (time.perf_counter() - started) * 1000
+                self._inference_failed(exc, n_rows, spans, errors)
 
+        def finish() -> BatchResult:
+            probs = np.empty((0, 10), np.float32)
+            if collect is not None:
+                try:
+                    probs = collect()
+                    assert len(probs) == n_rows, "a batch must return one result per input"
+                except Exception as exc:
+                    self._inference_failed(exc, n_rows, spans, errors)
+            # Dispatch to results: the forward pass, and whatever the loop did meanwhile.
+            inference_ms = (time.perf_counter() - started) * 1000 if rows else 0.0
+            return self._answers(requests, errors, spans, probs, inference_ms, predictor)
+
+        return Prepared(messages, finish, predictor)
+
+    def _inference_failed(self, exc: Exception, n_rows: int,
+                          spans: dict[int, tuple[int, int, str | None]],
+                          errors: dict[int, protocol.RequestError]) -> None:
+        log.error("inference failed for a batch of %d", n_rows, exc_info=exc)
+        for i in spans:
+            errors[i] = protocol.RequestError("internal_error", f"inference failed: {exc}")
+
+    def _answers(self, requests: list[protocol.Request], errors: dict[int, protocol.RequestError],
+                 spans: dict[int, tuple[int, int, str | None]], probs: np.ndarray,
+                 inference_ms: float, predictor: Any) -> BatchResult:
+        """One answer per request (and a dead letter per failed one), in request order."""
+        model = {"name": predictor.name, "version": predictor.version}
         out: list[OutMessage] = []
         outcomes: list[str] = []
         for i, request in enumerate(requests):
@@ -240,6 +278,7 @@ class Worker:
                 # What was in flight is not committed: the broker delivers it again to the
                 # consumer that replaces this one (or to another member of the group).
                 self._in_flight.clear()
+                self._prepared = None
                 self._connect_state(f"unavailable, retrying in {backoff:.1f} s")
                 log.warning("broker problem: %s; retrying in %.1f s", exc.message, backoff)
                 for closable in (consumer, producer):
@@ -252,8 +291,8 @@ class Worker:
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         try:
-            if consumer is not None:
-                self.settle(consumer)  # drain: the last batch's answers confirmed, committed
+            if consumer is not None and producer is not None:
+                self.flush(consumer, producer)  # drain: the last batches answered, committed
         except BrokerError as exc:
             log.warning("the last batch was not confirmed (%s); it will be delivered again",
                         exc.message)
@@ -263,40 +302,53 @@ class Worker:
                     closable.close()
 
     def serve_once(self, consumer: Consumer, producer: Producer) -> int:
-        """One micro-batch: fill, predict, send; then confirm and commit the batch sent before
-        it. Returns the new batch's size; 0 when nothing came (the batch in flight, if any, is
-        then settled, so a loop until 0 leaves everything answered and committed)."""
+        """One turn of the pipeline: fetch a batch and dispatch its forward pass; while that
+        runs, answer (send) the batch prepared before it; then confirm and commit the batch sent
+        before that one. A batch that is not full is answered in the same turn. Returns the new
+        batch's size; 0 when nothing came, and then everything
+        is answered, confirmed and committed (a loop until 0 leaves nothing behind)."""
         self.stats.last_loop = time.monotonic()
-        if self._freeze_heap and self._frozen_with is not self.predictor:
-            from fmnist.runtime import freeze_heap
-
-            self._frozen_with = self.predictor  # first: this was the last reference to the old
-            freeze_heap()
         max_batch = self.cfg.serve.max_batch_size
-        # With a batch in flight, look for more without waiting: if nothing is there, settle
-        # that batch now rather than leaving it uncommitted for the idle timeout.
-        wait_s = 0.0 if self._in_flight else 0.2
-        messages = consumer.next_batch(max_batch, timeout_s=wait_s)
-        if not messages:
-            self.settle(consumer)
-            return 0
-        # The first request is here; wait at most max_wait_ms for the batch to fill.
-        deadline = time.monotonic() + self.cfg.serve.max_wait_ms / 1000
-        while len(messages) < max_batch and (left := deadline - time.monotonic()) > 0:
-            more = consumer.next_batch(max_batch - len(messages), timeout_s=left)
-            if not more:
-                break
-            messages.extend(more)
-        result = self.process(messages)
-        self._ensure_reply_topics(result.out)
+        # With work under way, look for more without waiting: if nothing is there, finish
+        # that work now rather than leaving it for the idle timeout.
+        busy = self._prepared is not None or bool(self._in_flight)
+        messages = consumer.next_batch(max_batch, timeout_s=0.0 if busy else 0.2)
+        if messages:
+            # The first request is here; wait at most max_wait_ms for the batch to fill.
+            deadline = time.monotonic() + self.cfg.serve.max_wait_ms / 1000
+            while len(messages) < max_batch and (left := deadline - time.monotonic()) > 0:
+                more = consumer.next_batch(max_batch - len(messages), timeout_s=left)
+                if not more:
+                    break
+                messages.extend(more)
+        earlier, self._prepared = self._prepared, self.prepare(messages) if messages else None
+        if earlier is not None:
+            self._send(consumer, producer, earlier)
+        if self._prepared is not None and len(messages) < max_batch:
+            # Not a full batch: nothing else is waiting, so nothing to overlap with. Answer it
+            # now; deferring it would add the next fetch (a few ms when idle) to its latency.
+            prepared, self._prepared = self._prepared, None
+            self._send(consumer, producer, prepared)
+        self._maybe_freeze_heap()
+        self.settle(consumer, keep=1 if messages else 0)
+        return len(messages)
+
+    def flush(self, consumer: Consumer, producer: Producer) -> None:
+        """Answer the batch prepared, then confirm and commit everything sent."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            self._send(consumer, producer, prepared)
+        self.settle(consumer)
+
+    def _send(self, consumer: Consumer, producer: Producer, prepared: Prepared) -> None:
+        result = prepared.finish()
         try:
+            self._ensure_reply_topics(result.out)
             confirmation = producer.send(result.out, timeout_s=30)
         except BrokerError:
-            self._hand_back(consumer, messages)
+            self._hand_back(consumer, prepared.messages)
             raise
-        self._in_flight.append(InFlight(messages, result, confirmation))
-        self.settle(consumer, keep=1)
-        return len(messages)
+        self._in_flight.append(InFlight(prepared.messages, result, confirmation))
 
     def settle(self, consumer: Consumer, keep: int = 0) -> None:
         """Confirm and commit the batches in flight, oldest first, until ``keep`` are left.
@@ -314,11 +366,27 @@ class Worker:
             self._record(batch.messages, batch.result)
 
     def _hand_back(self, consumer: Consumer, messages: list[Message]) -> None:
-        """Never commit what was not answered: redeliver these and every batch in flight."""
+        """Never commit what was not answered: redeliver these, every batch in flight and the
+        batch prepared."""
         unconfirmed = [m for batch in self._in_flight for m in batch.messages] + messages
+        if self._prepared is not None:
+            unconfirmed += self._prepared.messages
         self._in_flight.clear()
+        self._prepared = None
         consumer.redeliver(unconfirmed)
         self.stats.redelivered += len(unconfirmed)
+
+    def _maybe_freeze_heap(self) -> None:
+        """``runtime.freeze_heap`` at start and after a hot reload, once no batch holds the model
+        swapped out (frozen, its reference cycles could never be freed)."""
+        if not self._freeze_heap or self._frozen_with is self.predictor:
+            return
+        if self._prepared is not None and self._prepared.predictor is not self.predictor:
+            return
+        from fmnist.runtime import freeze_heap
+
+        self._frozen_with = self.predictor  # first: this was the last reference to the old
+        freeze_heap()
 
     def _ensure_reply_topics(self, out: list[OutMessage]) -> None:
         """Per-client reply topics (res_predict.<x>) are created on first use."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,10 +111,16 @@ class BrightnessPredictor:
         self.fail = fail
         self.batches: list[int] = []
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+    def start(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        """Computes at once; a failure surfaces in ``collect()``, as JAX reports it there."""
+        self.batches.append(len(pixels))
+        return lambda: self.probabilities(pixels, counted=True)
+
+    def probabilities(self, pixels: np.ndarray, counted: bool = False) -> np.ndarray:
         if self.fail:
             raise RuntimeError("model exploded")
-        self.batches.append(len(pixels))
+        if not counted:
+            self.batches.append(len(pixels))
         probs = np.full((len(pixels), 10), 0.1 / 9, np.float32)
         for row, image in zip(probs, pixels, strict=True):
             row[min(int(image.max()) // 25, 9)] = 0.9

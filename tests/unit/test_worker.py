@@ -46,6 +46,12 @@ def request(value: bytes, rid: str | None = None, **headers: str) -> OutMessage:
     return OutMessage(REQ, value, headers=headers)
 
 
+def serve_all(worker: Worker, consumer, producer) -> None:
+    """Turn the pipeline until nothing is left: every request answered and committed."""
+    while worker.serve_once(consumer, producer):
+        pass
+
+
 def answers(broker: MemoryBroker) -> list[dict]:
     return [json.loads(m.value) for m in broker.topics[RES]]
 
@@ -78,7 +84,7 @@ def test_requests_are_batched_up_to_max_batch_size(cfg) -> None:
 def test_request_without_headers_is_answered_under_a_derived_id(cfg) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
     producer.publish([OutMessage(REQ, png(60))], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     (answer,) = answers(broker)
     assert answer["request_id"] == f"{REQ}/0/0"
     assert answer["request_id_derived"] is True
@@ -89,8 +95,7 @@ def test_bad_requests_get_error_answers_and_dead_letters_without_hurting_neighbo
     worker, broker, consumer, producer = make_worker(cfg)
     producer.publish([request(png(30), "good-1"), request(b"", "empty"),
                       request(b"\x00garbage" * 10, "garbage"), request(png(230), "good-2")], 1)
-    worker.serve_once(consumer, producer)
-    worker.settle(consumer)
+    serve_all(worker, consumer, producer)
     got = {a["request_id"]: a for a in answers(broker)}
     assert got["good-1"]["label"] == 1 and got["good-2"]["label"] == 9
     assert got["empty"]["status"] == "error"
@@ -109,7 +114,7 @@ def test_bad_requests_get_error_answers_and_dead_letters_without_hurting_neighbo
 def test_model_failure_answers_every_request_with_an_error(cfg) -> None:
     worker, broker, consumer, producer = make_worker(cfg, BrightnessPredictor(fail=True))
     producer.publish([request(png(30), f"r{i}") for i in range(3)], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     codes = [a["error"]["code"] for a in answers(broker)]
     assert codes == ["internal_error"] * 3
     assert len(broker.topics[DLQ]) == 3
@@ -119,49 +124,67 @@ def test_failed_publish_commits_nothing_and_redelivers(cfg) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
     producer.publish([request(png(30), "a"), request(png(60), "b")], 1)
     broker.fail_publishes = 1
-    assert worker.serve_once(consumer, producer) == 2  # sent; the failure shows on confirming
+    assert worker.serve_once(consumer, producer) == 2  # decoded, forward pass dispatched
     with pytest.raises(BrokerError):
-        worker.serve_once(consumer, producer)  # nothing new: settles the batch in flight
+        worker.serve_once(consumer, producer)  # nothing new: sends, the confirmation fails
     assert (REQ, "g") not in broker.committed
     assert broker.topics[RES] == []
     assert worker.stats.redelivered == 2
-    assert worker.serve_once(consumer, producer) == 2  # delivered again, answered
-    worker.settle(consumer)
+    serve_all(worker, consumer, producer)  # delivered again, answered
     assert sorted(a["request_id"] for a in answers(broker)) == ["a", "b"]
     assert broker.committed[(REQ, "g")] == 2
 
 
-def test_answers_go_out_before_the_batch_is_committed_and_commits_follow_fetch_order(cfg
-                                                                                      ) -> None:
+def test_the_pipeline_answers_a_full_batch_one_turn_later_and_commits_it_after_that(cfg
+                                                                                     ) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
-    producer.publish([request(png(30), f"r{i}") for i in range(12)], 1)
-    assert worker.serve_once(consumer, producer) == 8
-    assert len(answers(broker)) == 8  # handed to the broker at once...
-    assert (REQ, "g") not in broker.committed  # ...committed only once confirmed
-    assert worker.stats.processed == 0
-    assert worker.serve_once(consumer, producer) == 4  # batch 2 sent, then batch 1 settled
-    assert broker.committed[(REQ, "g")] == 8
-    assert worker.stats.processed == 8
-    assert worker.serve_once(consumer, producer) == 0  # nothing new: batch 2 settled
-    assert broker.committed[(REQ, "g")] == 12
-    assert worker.stats.processed == 12
+    producer.publish([request(png(30), f"r{i}") for i in range(20)], 1)
+    assert worker.serve_once(consumer, producer) == 8  # batch 1 prepared
+    assert answers(broker) == []
+    assert worker.serve_once(consumer, producer) == 8  # batch 2 prepared, batch 1 sent...
+    assert len(answers(broker)) == 8
+    assert (REQ, "g") not in broker.committed  # ...but not committed before it is confirmed
+    assert worker.serve_once(consumer, producer) == 4  # batch 2 sent; batch 3 is not full:
+    assert len(answers(broker)) == 20  # sent at once (nothing to overlap with)
+    assert broker.committed[(REQ, "g")] == 16  # batches 1 and 2 confirmed and committed
+    assert worker.stats.processed == 16
+    assert worker.serve_once(consumer, producer) == 0  # nothing new: everything settled
+    assert [a["request_id"] for a in answers(broker)] == [f"r{i}" for i in range(20)]
+    assert broker.committed[(REQ, "g")] == 20
+    assert worker.stats.processed == 20
 
 
-def test_an_unconfirmed_batch_is_redelivered_with_every_batch_sent_after_it(cfg) -> None:
+def test_a_batch_that_is_not_full_is_answered_in_the_turn_that_fetched_it(cfg) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
-    producer.publish([request(png(30), f"r{i}") for i in range(12)], 1)
-    broker.fail_publishes = 1  # batch 1 (r0..r7) is lost; batch 2 (r8..r11) is delivered
+    producer.publish([request(png(30), "alone")], 1)
+    assert worker.serve_once(consumer, producer) == 1
+    assert [a["request_id"] for a in answers(broker)] == ["alone"]
+
+
+def test_an_unconfirmed_batch_is_redelivered_with_every_batch_after_it(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(cfg)
+    producer.publish([request(png(30), f"r{i}") for i in range(20)], 1)
+    broker.fail_publishes = 1  # batch 1 (r0..r7) is lost; batches 2 and 3 get through
     assert worker.serve_once(consumer, producer) == 8
+    assert worker.serve_once(consumer, producer) == 8  # batch 1 sent
     with pytest.raises(BrokerError):
-        worker.serve_once(consumer, producer)  # sends batch 2, then batch 1 fails to confirm
+        worker.serve_once(consumer, producer)  # batch 2 sent, then batch 1 fails to confirm
     assert (REQ, "g") not in broker.committed  # batch 2's commit would have covered batch 1
-    assert worker.stats.redelivered == 12
-    while worker.serve_once(consumer, producer):
-        pass
+    assert worker.stats.redelivered == 20  # batches 1 and 2 in flight, 3 prepared
+    serve_all(worker, consumer, producer)
     ids = [a["request_id"] for a in answers(broker)]
-    assert sorted(set(ids)) == sorted(f"r{i}" for i in range(12))  # all answered...
-    assert sorted(ids).count("r8") == 2  # ...batch 2 twice: at-least-once, same request_id
-    assert broker.committed[(REQ, "g")] == 12
+    assert sorted(set(ids)) == sorted(f"r{i}" for i in range(20))  # all answered...
+    assert ids.count("r8") == 2  # ...batch 2 twice: at-least-once, same request_id
+    assert broker.committed[(REQ, "g")] == 20
+
+
+def test_stop_drains_the_pipeline(cfg) -> None:
+    worker, broker, _, producer = make_worker(cfg)
+    producer.publish([request(png(30), f"r{i}") for i in range(20)], 1)
+    worker.observers.append(lambda messages, result: worker.stop())
+    worker.run()  # stops after the first batch is committed, with two more under way
+    assert len(answers(broker)) == 20
+    assert broker.committed[(REQ, "g")] == 20
 
 
 def test_run_survives_broker_errors_and_keeps_serving(cfg) -> None:
@@ -184,7 +207,7 @@ def test_timings_and_trace_context_are_carried(cfg) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
     trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     producer.publish([request(png(30), "t", sent_at="1700000000000", traceparent=trace)], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     (message,) = broker.topics[RES]
     body = json.loads(message.value)
     assert message.headers["traceparent"] == trace
@@ -198,7 +221,7 @@ def test_invalid_headers_and_reply_to_are_errors_answered_on_the_response_topic(
     producer.publish([request(png(30), "x" * 500), request(png(30), "r1", reply_to=REQ),
                       request(png(30), "r2", sent_at="yesterday"),
                       request(png(30), "r3", reply_to=f"{RES}.client7")], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     got = {a["request_id"]: a for a in answers(broker)}
     assert got[f"{REQ}/0/0"]["error"]["code"] == "invalid_headers"
     assert got["r1"]["error"]["code"] == "invalid_reply_to"
@@ -226,7 +249,7 @@ def test_open_inference_protocol_requests_share_the_batch_and_get_oip_answers(cf
         oip_request("oip-2", {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
                                          "data": [200.0] * 784}]}),
     ], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     assert predictor.batches == [5]  # 3 + 1 + 1 rows in one forward pass
     by_id = {m.headers["request_id"]: json.loads(m.value) for m in broker.topics[RES]}
     first = by_id["oip-1"]
@@ -251,7 +274,7 @@ def test_open_inference_protocol_requests_share_the_batch_and_get_oip_answers(cf
 def test_malformed_oip_bodies_get_oip_errors_and_dead_letters(cfg, body, fragment) -> None:
     worker, broker, consumer, producer = make_worker(cfg)
     producer.publish([oip_request("bad", body), request(png(30), "fine")], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     by_id = {m.headers["request_id"]: (m, json.loads(m.value)) for m in broker.topics[RES]}
     message, answer = by_id["bad"]
     assert list(answer) == ["error"] and fragment in answer["error"]
@@ -266,7 +289,7 @@ def test_dead_letters_are_bounded_so_the_broker_always_takes_them(cfg) -> None:
     headers = {f"h{i:03d}": "v" for i in range(200)}
     headers["request_id"] = "big"
     producer.publish([OutMessage(REQ, b"\x89PNG" + b"\0" * (cap + 5000), headers=headers)], 1)
-    worker.serve_once(consumer, producer)
+    serve_all(worker, consumer, producer)
     (letter,) = broker.topics[DLQ]
     assert len(letter.value) == cap
     assert letter.headers["dlq_payload_bytes"] == str(cap + 5004)
