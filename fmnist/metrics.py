@@ -73,21 +73,27 @@ class Metrics:
         self.model_info.labels(name=name, version=version).set(1)
 
     def observe(self, messages: list[Any], result: Any) -> None:
-        """A Worker observer: called once per committed batch."""
+        """A Worker observer: called once per committed batch. Counters move once per batch,
+        histograms once per request (per-request label lookups were 10 us a request)."""
         now = time.time()
         self.batch_size.observe(len(messages))
         self.inference.observe(result.inference_ms / 1000)
+        queue_wait, end_to_end = self.queue_wait.observe, self.end_to_end.observe
+        failed = 0
         for message, outcome in zip(messages, result.outcomes, strict=True):
-            self.requests.labels(broker=self.broker,
-                                 outcome="ok" if outcome == "ok" else "error").inc()
             if outcome != "ok":
+                failed += 1
                 self.errors.labels(code=outcome).inc()
             sent = _sent_at_s(message)
             since = sent or (message.broker_time_ms / 1000 if message.broker_time_ms else None)
             if since:
-                self.queue_wait.observe(max(0.0, message.received_at - since))
+                queue_wait(max(0.0, message.received_at - since))
             if sent:
-                self.end_to_end.observe(max(0.0, now - sent))
+                end_to_end(max(0.0, now - sent))
+        if len(messages) > failed:
+            self.requests.labels(broker=self.broker, outcome="ok").inc(len(messages) - failed)
+        if failed:
+            self.requests.labels(broker=self.broker, outcome="error").inc(failed)
 
     def update_lag(self, lag: dict[tuple[str, int], int]) -> None:
         """Replace every lag series: partitions a rebalance took away must not linger."""
