@@ -21,8 +21,8 @@ from typing import Any
 STAGES = [
     ("image decode (imaging.decode, Pillow)", r"^decode \(fmnist/imaging\.py|^_decode \(fmnist/worker"),
     ("request header parsing", r"^parse_request \("),
-    ("inference (Predictor.probabilities, the compiled forward pass)",
-     r"^Predictor\.probabilities|tensorflow/|jax/"),
+    ("inference (dispatching the compiled forward pass, collecting its results)",
+     r"^Predictor\.(probabilities|start)|^compile_forward|tensorflow/|jax/"),
     ("top-k + response JSON", r"^Predictor\.describe|^response \(fmnist/protocol|^dead_letter"),
     ("publish: send (serialise, queue)", r"^KafkaProducer\.send|^PublisherClient\.publish"),
     ("publish: wait for confirmation", r"^FutureRecordMetadata\.get|^Future\.result|"
@@ -34,7 +34,7 @@ STAGES = [
     ("Kafka consumer heartbeat thread", r"[Hh]eartbeat"),
     ("Kafka client network thread (kafka-python NetworkSelector)", r"^NetworkSelector\.run_forever"),
     ("Pub/Sub client threads (gRPC stream, leases, callbacks)", r"google/|grpc/"),
-    ("worker loop bookkeeping (stats, observers, metrics)", r"^Worker\.|fmnist/metrics|prometheus"),
+    ("worker loop (assembling batches and answers, stats, metrics)", r"^Worker\.|fmnist/metrics|prometheus"),
 ]
 _COMPILED = [(name, re.compile(rx)) for name, rx in STAGES]
 
