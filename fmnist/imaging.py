@@ -39,6 +39,7 @@ Conversion (see docs/images.md):
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -77,6 +78,7 @@ _PREFIXES = (
     (b"qoif", "QOI"), (b"icns", "ICNS"), (b"DDS ", "DDS"), (b"%PDF", "PDF"), (b"%!PS", "EPS"),
     (b"\xc5\xd0\xd3\xc6", "EPS"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "GZIP"),
 )
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 _BASE64_IMAGES = {b"iVBORw0KGgo": "PNG", b"/9j/": "JPEG", b"R0lGOD": "GIF", b"UklGR": "WEBP"}
 
 
@@ -271,7 +273,9 @@ def _open(payload: bytes, fmt: str, limit: int,
         raise ImageError("image_too_large", f"{fmt} image refused by Pillow: {exc}",
                          "Downscale the image before sending it.") from None
     except Exception as exc:  # noqa: BLE001 - whatever Pillow raises on hostile bytes
-        detail = str(exc)[:200] or type(exc).__name__
+        # Pillow names its file object ("<_io.BytesIO object at 0x7f...>"): a process detail
+        # that would make identical bad requests get different answers. Drop it.
+        detail = _OBJECT_REPR.sub("", str(exc))[:200] or type(exc).__name__
         raise ImageError("undecodable_image",
                          f"The payload has {DESCRIPTIONS[fmt]} signature but cannot be decoded: "
                          f"{detail}.",

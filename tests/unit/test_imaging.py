@@ -186,6 +186,15 @@ def test_signature_followed_by_garbage_is_undecodable() -> None:
         assert error_of(signature + bytes(200)).code == "undecodable_image", signature
 
 
+def test_undecodable_messages_name_no_process_detail() -> None:
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" must not reach the
+    wire: the same bad request gets the same answer from every worker."""
+    first, second = (error_of(PNG_SIGNATURE + bytes(200)).message for _ in range(2))
+    assert first == second
+    assert "0x" not in first and "object at" not in first
+    assert first.endswith("cannot be decoded: cannot identify image file.")
+
+
 def test_load_truncated_images_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
