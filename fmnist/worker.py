@@ -305,8 +305,8 @@ class Worker:
         """One turn of the pipeline: fetch a batch and dispatch its forward pass; while that
         runs, answer (send) the batch prepared before it; then confirm and commit the batch sent
         before that one. A batch that is not full is answered in the same turn. Returns the new
-        batch's size; 0 when nothing came, and then everything
-        is answered, confirmed and committed (a loop until 0 leaves nothing behind)."""
+        batch's size; 0 when nothing came, and then everything is answered, confirmed and
+        committed (a loop until 0 leaves nothing behind)."""
         self.stats.last_loop = time.monotonic()
         max_batch = self.cfg.serve.max_batch_size
         # With work under way, look for more without waiting: if nothing is there, finish
