@@ -38,6 +38,26 @@ def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
     return buffer.getvalue()
 
 
+# Prepended to a child script: it calls limit_address_space() after its imports, and from then
+# on may grow by 256 MiB at most (RLIMIT_AS), so an unbounded allocation fails fast.
+_ADDRESS_SPACE_LIMIT = textwrap.dedent("""
+    import pathlib, resource
+
+    def limit_address_space():
+        status = pathlib.Path("/proc/self/status").read_text()
+        used = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmSize")))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (used * 1024 + 256 * 2**20, hard))
+""")
+
+
+def run_in_small_address_space(child: str, *args: str) -> list[str]:
+    """Run ``child`` (which calls ``limit_address_space()``) in a fresh Python; its stdout lines."""
+    result = subprocess.run([sys.executable, "-c", _ADDRESS_SPACE_LIMIT + child, *args],
+                            capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.split("\n")
+
+
 def error_of(payload: bytes, cfg: ImagingConfig = CFG) -> ImageError:
     with pytest.raises(ImageError) as caught:
         imaging.decode(payload, cfg)
@@ -250,13 +270,10 @@ def test_bombs_are_refused_within_a_small_address_space(tmp_path: Path) -> None:
     for variant in ("PNG", "GIF", "BMP", "JPEG", "WEBP", "WEBP-VP8X"):
         (tmp_path / f"bomb.{variant}").write_bytes(huge_header(variant))
     child = textwrap.dedent("""
-        import pathlib, resource, sys
+        import pathlib, sys
         from fmnist import imaging
         from fmnist.config import ImagingConfig
-        status = pathlib.Path("/proc/self/status").read_text()
-        used = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmSize")))
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        resource.setrlimit(resource.RLIMIT_AS, (used * 1024 + 256 * 2**20, hard))
+        limit_address_space()
         for path in sorted(pathlib.Path(sys.argv[1]).iterdir()):
             try:
                 imaging.decode(path.read_bytes(), ImagingConfig())
@@ -267,9 +284,7 @@ def test_bombs_are_refused_within_a_small_address_space(tmp_path: Path) -> None:
         except MemoryError:
             print("limit bites")
     """)
-    result = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True,
-                            text=True, timeout=60, check=True)
-    assert result.stdout.split("\n") == [
+    assert run_in_small_address_space(child, str(tmp_path)) == [
         ".BMP image_too_large", ".GIF image_too_large", ".JPEG image_too_large",
         ".PNG image_too_large", ".WEBP image_too_large", ".WEBP-VP8X image_too_large",
         "limit bites", ""]
@@ -784,16 +799,13 @@ def test_zlib_bomb_inflates_no_further_than_the_image(tmp_path: Path) -> None:
     (tmp_path / "bomb.png").write_bytes(bomb)
     np.save(tmp_path / "object.npy", OBJECT)
     child = textwrap.dedent("""
-        import pathlib, resource, sys
+        import pathlib, sys
         import numpy as np
         from fmnist import imaging, png
         from fmnist.config import ImagingConfig
         folder = pathlib.Path(sys.argv[1])
         bomb, expected = (folder / "bomb.png").read_bytes(), np.load(folder / "object.npy")
-        status = pathlib.Path("/proc/self/status").read_text()
-        used = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmSize")))
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        resource.setrlimit(resource.RLIMIT_AS, (used * 1024 + 256 * 2**20, hard))
+        limit_address_space()
         print("fast path", np.array_equal(png.decode_grey(bomb), expected))
         print("decode", np.array_equal(imaging.decode(bomb, ImagingConfig()), expected))
         png.decode_grey = lambda payload: None
@@ -803,7 +815,5 @@ def test_zlib_bomb_inflates_no_further_than_the_image(tmp_path: Path) -> None:
         except MemoryError:
             print("limit bites")
     """)
-    result = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True,
-                            text=True, timeout=60, check=True)
-    assert result.stdout.split("\n") == [
+    assert run_in_small_address_space(child, str(tmp_path)) == [
         "fast path True", "decode True", "pillow True", "limit bites", ""]
