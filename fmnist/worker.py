@@ -125,10 +125,6 @@ class Worker:
 
     # -- pure part: a batch of messages in, messages to publish out -------------------------
 
-    def process(self, messages: list[Message]) -> BatchResult:
-        """``prepare`` and ``finish`` in one go."""
-        return self.prepare(messages).finish()
-
     def prepare(self, messages: list[Message]) -> Prepared:
         """Parse and decode the batch and dispatch its forward pass; ``finish()`` on the result
         waits for the pass and returns the messages to publish."""
