@@ -112,15 +112,16 @@ class BrightnessPredictor:
         self.batches: list[int] = []
 
     def start(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
-        """Computes at once; a failure surfaces in ``collect()``, as JAX reports it there."""
+        """A failure surfaces in ``collect()``, as JAX reports it there."""
         self.batches.append(len(pixels))
-        return lambda: self.probabilities(pixels, counted=True)
+        return lambda: self._brightness(pixels)
 
-    def probabilities(self, pixels: np.ndarray, counted: bool = False) -> np.ndarray:
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        return self.start(pixels)()
+
+    def _brightness(self, pixels: np.ndarray) -> np.ndarray:
         if self.fail:
             raise RuntimeError("model exploded")
-        if not counted:
-            self.batches.append(len(pixels))
         probs = np.full((len(pixels), 10), 0.1 / 9, np.float32)
         for row, image in zip(probs, pixels, strict=True):
             row[min(int(image.max()) // 25, 9)] = 0.9
