@@ -131,6 +131,7 @@ class ServeConfig:
     broker: str = "kafka"
     max_batch_size: int = 256
     max_wait_ms: float = 2.0
+    commit_every_ms: float = 100.0
     metrics_port: int = 0
     worker_id: str = ""
     log_format: str = "text"
@@ -333,6 +334,7 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
         ("serve.broker", cfg.serve.broker in ("kafka", "pubsub"), "must be `kafka` or `pubsub`"),
         ("serve.max_batch_size", cfg.serve.max_batch_size >= 1, "must be at least 1"),
         ("serve.max_wait_ms", cfg.serve.max_wait_ms >= 0, "must be 0 or more"),
+        ("serve.commit_every_ms", cfg.serve.commit_every_ms >= 0, "must be 0 or more"),
         ("serve.backend", cfg.serve.backend in ("auto", "jax", "tensorflow"),
          "must be `auto`, `jax` or `tensorflow`"),
         ("serve.log_format", cfg.serve.log_format in ("text", "json"), "must be `text` or `json`"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import json
+import time
 import weakref
 
 import numpy as np
@@ -30,7 +32,12 @@ def png(brightness: int) -> bytes:
 
 @pytest.fixture
 def cfg() -> config.Config:
-    return config.load(env={}, flags={"serve.max_wait_ms": 0, "serve.max_batch_size": 8})
+    return config.load(env={}, flags={"serve.max_wait_ms": 0, "serve.max_batch_size": 8,
+                                      "serve.commit_every_ms": 0})  # commit every batch
+
+
+def with_commit_every(cfg: config.Config, ms: float) -> config.Config:
+    return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, commit_every_ms=ms))
 
 
 def make_worker(cfg: config.Config, predictor: BrightnessPredictor | None = None):
@@ -184,6 +191,58 @@ def test_stop_drains_the_pipeline(cfg) -> None:
     worker.observers.append(lambda messages, result: worker.stop())
     worker.run()  # stops after the first batch is committed, with two more under way
     assert len(answers(broker)) == 20
+    assert broker.committed[(REQ, "g")] == 20
+
+
+def test_commits_wait_for_commit_every_ms_and_an_idle_worker_still_makes_them(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(with_commit_every(cfg, 200))
+    idle_waits: list[float] = []
+    fetch = consumer.next_batch
+
+    def recording(max_messages: int, timeout_s: float):
+        idle_waits.append(timeout_s)
+        return fetch(max_messages, timeout_s)
+
+    consumer.next_batch = recording
+    producer.publish([request(png(30), f"r{i}") for i in range(3)], 1)
+    started = time.monotonic()
+    serve_all(worker, consumer, producer)
+    assert len(answers(broker)) == 3 and worker.stats.processed == 3  # answered, confirmed...
+    assert (REQ, "g") not in broker.committed  # ...and the commit is not due yet
+    # Idle now: a fetch waits no longer than until the commit is due, so it is made on time
+    # (the idle wait is 0.2 s; this one is shorter by the time already spent).
+    assert worker.serve_once(consumer, producer) == 0
+    assert 0 < idle_waits[-1] < 0.2
+    while (REQ, "g") not in broker.committed and time.monotonic() - started < 5:
+        worker.serve_once(consumer, producer)
+    assert broker.committed[(REQ, "g")] == 3
+    assert time.monotonic() - started >= 0.2
+
+
+def test_a_batch_worth_of_confirmed_requests_is_committed_without_waiting(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(with_commit_every(cfg, 60_000))
+    producer.publish([request(png(30), f"r{i}") for i in range(20)], 1)
+    serve_all(worker, consumer, producer)
+    assert broker.committed[(REQ, "g")] == 16  # batches 1 and 2 (>= max_batch_size 8)
+    worker.flush(consumer, producer)  # what stop does: the rest is committed at once
+    assert broker.committed[(REQ, "g")] == 20
+
+
+def test_a_failed_confirmation_commits_what_was_confirmed_before_it(cfg) -> None:
+    worker, broker, consumer, producer = make_worker(with_commit_every(cfg, 60_000))
+    producer.publish([request(png(30), f"r{i}") for i in range(20)], 1)
+    assert worker.serve_once(consumer, producer) == 8
+    assert worker.serve_once(consumer, producer) == 8  # batch 1 sent
+    broker.fail_publishes = 1  # batch 2 (r8..r15) is lost
+    with pytest.raises(BrokerError):
+        worker.serve_once(consumer, producer)  # batch 1 confirmed, then batch 2 fails
+    assert broker.committed[(REQ, "g")] == 8  # batch 1 answered: committed, not re-answered
+    assert worker.stats.redelivered == 12  # batches 2 and 3
+    serve_all(worker, consumer, producer)
+    worker.flush(consumer, producer)
+    ids = [a["request_id"] for a in answers(broker)]
+    assert sorted(set(ids)) == sorted(f"r{i}" for i in range(20))
+    assert ids.count("r0") == 1 and ids.count("r16") == 2  # batch 3 was sent before the failure
     assert broker.committed[(REQ, "g")] == 20
 
 
