@@ -398,13 +398,12 @@ class Worker:
             unconfirmed += self._prepared.messages
         self._in_flight.clear()
         self._prepared = None
+        answered = len(self._confirmed)
         try:  # what was confirmed is answered: commit it, or its redelivery is a duplicate
             self._commit(consumer, force=True)
         except BrokerError as exc:
             log.warning("could not commit %d answered request(s) (%s); they may be answered "
-                        "again", len(self._confirmed), exc.message)
-            self._confirmed.clear()
-            self._commit_due = None
+                        "again", answered, exc.message)
         consumer.redeliver(unconfirmed)
         self.stats.redelivered += len(unconfirmed)
 

@@ -22,6 +22,7 @@ class MemoryBroker:
     topics: dict[str, list[OutMessage]] = field(default_factory=dict)
     committed: dict[tuple[str, str], int] = field(default_factory=dict)
     fail_publishes: int = 0  # the next N sends fail: their wait() raises BrokerError
+    fail_commits: int = 0  # the next N commits raise BrokerError
 
     def check(self, timeout_s: float) -> None: ...
 
@@ -60,6 +61,9 @@ class MemoryConsumer:
         return out
 
     def commit(self, messages: list[Message]) -> None:
+        if self.broker.fail_commits:
+            self.broker.fail_commits -= 1
+            raise BrokerError("commit failed (injected)")
         if self.group and messages:
             key = (self.topic, self.group)
             self.broker.committed[key] = max(self.broker.committed.get(key, 0),

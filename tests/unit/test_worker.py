@@ -246,6 +246,24 @@ def test_a_failed_confirmation_commits_what_was_confirmed_before_it(cfg) -> None
     assert broker.committed[(REQ, "g")] == 20
 
 
+def test_a_hand_back_whose_commit_fails_still_redelivers_and_says_so(cfg, caplog) -> None:
+    worker, broker, consumer, producer = make_worker(with_commit_every(cfg, 60_000))
+    producer.publish([request(png(30), f"r{i}") for i in range(20)], 1)
+    worker.serve_once(consumer, producer)
+    worker.serve_once(consumer, producer)  # batch 1 sent
+    broker.fail_publishes, broker.fail_commits = 1, 1  # batch 2 lost, and the commit fails
+    with pytest.raises(BrokerError):
+        worker.serve_once(consumer, producer)
+    assert (REQ, "g") not in broker.committed
+    assert worker.stats.redelivered == 12
+    assert "could not commit 8 answered request(s)" in caplog.text
+    serve_all(worker, consumer, producer)
+    worker.flush(consumer, producer)
+    ids = [a["request_id"] for a in answers(broker)]
+    assert sorted(set(ids)) == sorted(f"r{i}" for i in range(20))  # nothing lost
+    assert broker.committed[(REQ, "g")] == 20
+
+
 def test_run_survives_broker_errors_and_keeps_serving(cfg) -> None:
     worker, broker, _, producer = make_worker(cfg)
     producer.publish([request(png(30), "x")], 1)
