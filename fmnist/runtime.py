@@ -79,10 +79,15 @@ def select_backend(preferred: str = "auto", threads: int = 0, auto: str = "jax")
         raise ConfigError(f"serve.backend is {preferred!r} but {preferred} is not installed.",
                           f"pip install {preferred}, or set serve.backend: auto.")
     os.environ["KERAS_BACKEND"] = preferred
-    if preferred == "jax" and threads == 1:
-        # XLA's CPU runtime has no thread-count setting, only one pool or none.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false").strip()
+    if preferred == "jax" and threads > 0:
+        # XLA's CPU client has no thread-count option. It sizes its compute pools from NPROC
+        # when that is set (meant for CI machines), else from the CPUs it may run on; jaxlib
+        # 0.10's YNNPACK kernels ignore --xla_cpu_multi_thread_eigen (per-thread CPU under
+        # load, BENCHMARKS.md session 10), so NPROC is what bounds them.
+        os.environ.setdefault("NPROC", str(threads))
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_cpu_multi_thread_eigen=false").strip()
     return preferred
 
 
