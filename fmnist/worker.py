@@ -8,10 +8,12 @@ loses nothing; the price is that a request may be answered twice (same request_i
 Pipelined, three batches at a time, so that the loop's thread never sits waiting: it fetches
 and decodes batch n+1 and dispatches its forward pass (JAX runs it on XLA's threads); while that
 runs it builds and sends the answers of batch n; then it waits for the broker to confirm batch
-n-1's answers and commits n-1. Waiting for the forward pass and for a round trip per batch was
-more than half of the loop's wall time. Batches are confirmed and committed in the order they
-were fetched, and a failed confirmation hands back *every* batch not yet confirmed, so a commit
-never covers a request whose answer the broker has not confirmed.
+n-1's answers. Waiting for the forward pass and for a round trip per batch was more than half of
+the loop's wall time. Confirmed requests are committed together, at most
+``serve.commit_every_ms`` later (a commit is a round trip whatever it covers). Batches are
+confirmed and committed in the order they were fetched, and a failed confirmation hands back
+*every* batch not yet confirmed, so a commit never covers a request whose answer the broker has
+not confirmed.
 
 Every request gets exactly one answer per delivery: a prediction, or an error response plus a
 dead-letter record. A bad request never takes the worker down or holds up the others in its
@@ -304,10 +306,11 @@ class Worker:
 
     def serve_once(self, consumer: Consumer, producer: Producer) -> int:
         """One turn of the pipeline: fetch a batch and dispatch its forward pass; while that
-        runs, answer (send) the batch prepared before it; then confirm and commit the batch sent
-        before that one. A batch that is not full is answered in the same turn. Returns the new
-        batch's size; 0 when nothing came, and then everything is answered, confirmed and
-        committed (a loop until 0 leaves nothing behind)."""
+        runs, answer (send) the batch prepared before it; then confirm the batch sent before
+        that one, and commit what is confirmed when the commit is due. A batch that is not full
+        is answered in the same turn. Returns the new batch's size; 0 when nothing came, and
+        then everything is answered and confirmed (and committed once due; ``flush`` commits
+        at once)."""
         self.stats.last_loop = time.monotonic()
         max_batch = self.cfg.serve.max_batch_size
         # With work under way, look for more without waiting: if nothing is there, finish
