@@ -73,7 +73,7 @@ class Metrics:
         self.model_info.labels(name=name, version=version).set(1)
 
     def observe(self, messages: list[Any], result: Any) -> None:
-        """A Worker observer: called once per committed batch. Counters move once per batch,
+        """A Worker observer: called once per confirmed batch. Counters move once per batch,
         histograms once per request (per-request label lookups were 10 us a request)."""
         now = time.time()
         self.batch_size.observe(len(messages))
