@@ -194,6 +194,7 @@ class Worker:
                  inference_ms: float, predictor: Any) -> BatchResult:
         """One answer per request (and a dead letter per failed one), in request order."""
         model = {"name": predictor.name, "version": predictor.version}
+        ranked = predictor.describe_many(probs) if len(probs) else []
         out: list[OutMessage] = []
         outcomes: list[str] = []
         for i, request in enumerate(requests):
@@ -207,7 +208,7 @@ class Worker:
                                      spans[i][2] or request.request_id,
                                      probs[spans[i][0]:spans[i][0] + spans[i][1]]))
             elif not error:
-                prediction = predictor.describe(probs[spans[i][0]]).as_dict()
+                prediction = ranked[spans[i][0]].as_dict()
             out.append(protocol.response(request, model=model, worker_id=self.worker_id,
                                          inference_ms=None if error else inference_ms,
                                          prediction=prediction, error=error, body=body))

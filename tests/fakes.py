@@ -136,3 +136,6 @@ class BrightnessPredictor:
         return Prediction(label, CLASS_NAMES[label], float(probs[label]),
                           [{"label": label, "class_name": CLASS_NAMES[label],
                             "probability": float(probs[label])}])
+
+    def describe_many(self, probs: np.ndarray) -> list[Prediction]:
+        return [self.describe(row) for row in probs]

@@ -8,7 +8,7 @@ import pytest
 from fmnist import protocol
 from fmnist.brokers.base import Message
 from fmnist.model import CLASS_NAMES
-from fmnist.predictor import Prediction, rank
+from fmnist.predictor import Prediction, rank, rank_many
 
 MODEL = {"name": "fmnist", "version": "abc123"}
 RECEIVED_AT = 1_700_000_000.125  # seconds; the worker finishes 125 ms later
@@ -44,6 +44,16 @@ def test_rank_is_numpys_ranking_ties_included(top_k: int) -> None:
             rng.dirichlet(np.ones(10))]  # float64, as calibration.soften returns
     for probs in rows:
         assert rank(probs, top_k) == numpy_rank(probs, top_k), probs
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_rank_many_ranks_each_row_as_rank_does(top_k: int) -> None:
+    rng = np.random.default_rng(6)
+    for probs in (rng.dirichlet(np.ones(10), 300).astype(np.float32),
+                  np.round(rng.dirichlet(np.ones(10), 300), 1).astype(np.float32),  # ties
+                  rng.dirichlet(np.ones(10), 50)):  # float64, as calibration.soften returns
+        assert rank_many(probs, top_k) == [rank(row, top_k) for row in probs]
+    assert rank_many(np.zeros((0, 10), np.float32), 3) == []
 
 
 def request(headers: dict[str, str], broker_time_ms: int | None) -> protocol.Request:
@@ -84,3 +94,4 @@ def test_error_response_bytes_are_pinned(monkeypatch: pytest.MonkeyPatch) -> Non
         b'"timings_ms":{"queue_wait":null,"inference":null,"worker":125.0,"total":null},'
         b'"error":{"code":"empty_payload","message":"The payload is empty (0 bytes)."}}')
     assert out.headers["error_code"] == "empty_payload"
+
