@@ -7,12 +7,13 @@ attributes. A response is one JSON object per request, keyed (Kafka) by its requ
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from fmnist.brokers.base import Message, OutMessage
 
@@ -132,7 +133,7 @@ def response(request: Request, *, model: dict[str, str], worker_id: str,
     received_ms = request.message.received_at * 1000
     queued_since = request.sent_at_ms or request.message.broker_time_ms
     if body is not None:
-        return OutMessage(request.reply_to, json.dumps(body, separators=(",", ":")).encode(),
+        return OutMessage(request.reply_to, orjson.dumps(body),
                           key=request.request_id, headers=response_headers(request, error))
     body = {
         "protocol": PROTOCOL_VERSION,
@@ -151,7 +152,7 @@ def response(request: Request, *, model: dict[str, str], worker_id: str,
     }
     if error:
         body["error"] = {"code": error.code, "message": error.message}
-    return OutMessage(request.reply_to, json.dumps(body, separators=(",", ":")).encode(),
+    return OutMessage(request.reply_to, orjson.dumps(body),
                       key=request.request_id, headers=response_headers(request, error))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,12 @@ def test_error_response_bytes_are_pinned(monkeypatch: pytest.MonkeyPatch) -> Non
         b'"error":{"code":"empty_payload","message":"The payload is empty (0 bytes)."}}')
     assert out.headers["error_code"] == "empty_payload"
 
+
+def test_a_response_is_utf8_json_whatever_the_message_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "now_ms", lambda: FINISHED_MS)
+    error = protocol.RequestError("undecodable_image", 'Bild "ü" \\ kaputt\n\u2028')
+    out = protocol.response(request({"request_id": "r-1"}, None), model=MODEL,
+                            worker_id="wörker", inference_ms=None, error=error)
+    body = json.loads(out.value.decode("utf-8"))
+    assert body["error"] == {"code": "undecodable_image", "message": error.message}
+    assert body["worker_id"] == "wörker"
