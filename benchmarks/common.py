@@ -201,7 +201,7 @@ def libraries() -> dict[str, str]:
 
     out = {}
     for name in ("tensorflow", "jax", "jaxlib", "keras", "kafka-python", "crc32c",
-                 "google-cloud-pubsub", "pillow"):
+                 "google-cloud-pubsub", "pillow", "orjson"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
