@@ -199,8 +199,8 @@ def rank(probs: np.ndarray, top_k: int) -> Prediction:
 
 def rank_many(probs: np.ndarray, top_k: int) -> list[Prediction]:
     """``rank`` for each row of [N, 10] probabilities. One ``argsort`` and one ``tolist`` for
-    the batch, then Python ints and floats: numpy scalars and a call per row cost the worker
-    7.7 us per answer (2 us this way); the same order (ties too) and values."""
+    the batch, then Python ints and floats rather than numpy scalars: 2-5 us less per answer
+    than a call per row (BENCHMARKS.md, session 11), the same order (ties too) and values."""
     orders = probs.argsort(axis=1)[:, ::-1][:, :top_k].tolist()
     out = []
     for order, values in zip(orders, probs.tolist(), strict=True):
