@@ -53,7 +53,7 @@ def request_costs(predictor, cfg) -> dict[str, float]:
                         received_at=time.time()) for i, p in enumerate(payloads)]
     requests = [protocol.parse_request(m, "res")[0] for m in messages]
     probs = predictor.probabilities(np.stack([imaging.decode(p, cfg.imaging) for p in payloads]))
-    preds = [predictor.describe(p).as_dict() for p in probs]
+    preds = [p.as_dict() for p in predictor.describe_many(probs)]
     batch = np.resize(probs, (256, probs.shape[1]))
     n = len(payloads)
     return {

@@ -181,7 +181,7 @@ class Predictor:
         return collect
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:
-        return [self.describe(p) for p in self.probabilities(pixels)]
+        return self.describe_many(self.probabilities(pixels))
 
     def describe(self, probs: np.ndarray) -> Prediction:
         return rank(probs, self.top_k)

@@ -194,7 +194,7 @@ class Worker:
                  inference_ms: float, predictor: Any) -> BatchResult:
         """One answer per request (and a dead letter per failed one), in request order."""
         model = {"name": predictor.name, "version": predictor.version}
-        ranked = predictor.describe_many(probs) if len(probs) else []
+        ranked = predictor.describe_many(probs)
         out: list[OutMessage] = []
         outcomes: list[str] = []
         for i, request in enumerate(requests):
