@@ -196,16 +196,22 @@ def listening_pid(port: int) -> int | None:
 
 
 def libraries() -> dict[str, str]:
-    """Versions that move the figures; crc32c is kafka-python's C CRC (else pure Python)."""
+    """Versions that move the figures (librdkafka: the C library inside confluent-kafka)."""
     from importlib import metadata
 
     out = {}
-    for name in ("tensorflow", "jax", "jaxlib", "keras", "kafka-python", "crc32c",
+    for name in ("tensorflow", "jax", "jaxlib", "keras", "confluent-kafka",
                  "google-cloud-pubsub", "pillow", "orjson"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    try:
+        import confluent_kafka
+
+        out["librdkafka"] = confluent_kafka.libversion()[0]
+    except ImportError:
+        out["librdkafka"] = "not installed"
     return out
 
 

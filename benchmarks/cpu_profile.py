@@ -1,6 +1,7 @@
 """Where the worker's CPU goes: a summary of a py-spy `record --format raw` file.
 
-Each sample is one on-CPU stack of one thread (py-spy leaves idle threads out). A sample is
+Each sample is one on-CPU stack of one Python thread (py-spy leaves idle threads out, and
+native threads such as librdkafka's and XLA's are not sampled at all). A sample is
 charged to the innermost *stage* on its stack (decode, inference, response JSON, Kafka send,
 ...) so the stages add up to 100%, and the leaf functions are ranked by self time.
 
@@ -23,16 +24,13 @@ STAGES = [
     ("request header parsing", r"^parse_request \("),
     ("inference (dispatching the compiled forward pass, collecting its results)",
      r"^Predictor\.(probabilities|start)|^compile_forward|tensorflow/|jax/"),
-    ("top-k + response JSON", r"^Predictor\.describe|^response \(fmnist/protocol|^dead_letter"),
-    ("publish: send (serialise, queue)", r"^KafkaProducer\.send|^PublisherClient\.publish"),
-    ("publish: wait for confirmation", r"^FutureRecordMetadata\.get|^Future\.result|"
+    ("top-k + response JSON", r"^Predictor\.describe|^rank_many|^response \(fmnist/protocol|^dead_letter"),
+    ("publish: send (serialise, queue)", r"^KafkaTopicProducer\.send|^PublisherClient\.publish"),
+    ("publish: wait for confirmation", r"^KafkaConfirmation\.wait|^Future\.result|"
                                        r"^KafkaTopicProducer\.publish|^PubsubProducer\.publish"),
     ("commit / ack", r"^KafkaTopicConsumer\.commit|^PubsubConsumer\.commit|^PubsubConsumer\._settle"),
     ("consume: poll, fetch, decode records", r"^KafkaTopicConsumer\.next_batch|"
                                              r"^PubsubConsumer\.next_batch"),
-    ("Kafka producer I/O thread", r"^Sender\.run"),
-    ("Kafka consumer heartbeat thread", r"[Hh]eartbeat"),
-    ("Kafka client network thread (kafka-python NetworkSelector)", r"^NetworkSelector\.run_forever"),
     ("Pub/Sub client threads (gRPC stream, leases, callbacks)", r"google/|grpc/"),
     ("worker loop (assembling batches and answers, stats, metrics)", r"^Worker\.|fmnist/metrics|prometheus"),
 ]

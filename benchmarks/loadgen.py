@@ -182,7 +182,7 @@ def delete_topics(broker: Any, topics: Topics) -> None:
     """Best effort: leave no benchmark topics (or emulator subscriptions) behind."""
     try:
         if broker.name == "kafka":
-            broker.admin().delete_topics(topics.all(), timeout_ms=10_000)
+            broker.delete_topics(topics.all())
         else:
             sub, pub = broker.subscriber(), broker.publisher()
             for t in topics.all():

@@ -146,14 +146,11 @@ port_busy() {
 # The broker answers a metadata request (it is up, unfenced and serving clients).
 answers() {
   port_busy "$port" || return 1
-  if [[ -x "$python" ]] && "$python" -c 'import kafka' 2>/dev/null; then
+  if [[ -x "$python" ]] && "$python" -c 'import confluent_kafka' 2>/dev/null; then
     "$python" - "$host:$port" >/dev/null 2>&1 <<'EOF'
 import sys
-from kafka import KafkaAdminClient
-admin = KafkaAdminClient(bootstrap_servers=sys.argv[1], request_timeout_ms=2000,
-                         bootstrap_timeout_ms=2000)
-admin.list_topics()
-admin.close()
+from confluent_kafka.admin import AdminClient
+AdminClient({"bootstrap.servers": sys.argv[1], "log_level": 0}).list_topics(timeout=2)
 EOF
   else  # no client library at hand: trust the broker's own "started" line of this run
     [[ -n "$(tail -n +"$log_mark" "$log_file" 2>/dev/null | grep -m1 'Kafka Server started')" ]]

@@ -12,7 +12,6 @@ one response with its request id arrived; every further response with that id is
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import os
@@ -24,7 +23,6 @@ import struct
 import subprocess
 import threading
 import time
-import warnings
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -213,12 +211,6 @@ class Run:
             except Exception:  # noqa: BLE001 - a reader of a broker that is gone
                 pass
         self.broker.close()
-        # kafka-python leaves the socket of each failed connect to the garbage collector; an
-        # outage scenario makes many. Collect them now, quietly, rather than in a later test
-        # (where pytest would report their ResourceWarning as that test's error).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
 
     # -- workers --
 
