@@ -31,7 +31,7 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
-LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: no round trip)
+LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: see its lag())
 
 log = logging.getLogger("fmnist.metrics")
 
