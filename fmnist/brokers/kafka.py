@@ -52,6 +52,13 @@ from fmnist.config import Config
 from fmnist.errors import BrokerError, BrokerTimeout, ConfigError, FmnistError
 
 log = logging.getLogger(__name__)
+# librdkafka's own log. It reports at warning level what it retries and recovers from by
+# itself (a group coordinator still loading after a broker start, a reconnect); what matters
+# also reaches _client_error or fails the call that needed it. So errors only, unless the
+# user sets this logger's level.
+librdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
+if librdkafka_log.level == logging.NOTSET:
+    librdkafka_log.setLevel(logging.ERROR)
 
 CLOSE_TIMEOUT_S = 5.0
 BROKER_MESSAGE_MAX_BYTES = 1_048_588  # Kafka's default message.max.bytes
@@ -115,9 +122,10 @@ class KafkaBroker:
                                           if s.strip()),
             "client.id": k.client_id, "security.protocol": k.security_protocol,
             "socket.timeout.ms": self.timeout_ms, "reconnect.backoff.max.ms": 2000,
-            # librdkafka logs through ours (fmnist.brokers.kafka.librdkafka), not to stderr;
-            # errors it recovers from on its own (a broker restart) reach _client_error.
-            "logger": logging.getLogger(f"{__name__}.librdkafka"), "error_cb": _client_error,
+            # librdkafka logs through ours (``librdkafka_log``), not to stderr; errors it
+            # recovers from on its own (a broker restart) reach _client_error. A broker closing
+            # an idle connection (the admin client's, after 10 minutes) is not an error.
+            "logger": librdkafka_log, "error_cb": _client_error, "log.connection.close": False,
         }
         if k.sasl_mechanism:
             conf.update({"sasl.mechanism": k.sasl_mechanism, "sasl.username": k.sasl_username,
