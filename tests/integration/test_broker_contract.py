@@ -85,6 +85,25 @@ def test_next_batch_returns_within_its_timeout_when_idle(broker: Broker) -> None
     consumer.close()
 
 
+def test_next_batch_hands_out_what_arrived_without_waiting_for_a_full_batch(
+        broker: Broker) -> None:
+    """A lone request must not wait out the timeout for the batch to fill (librdkafka's
+    consume(n, timeout) would: it returns when it has all n, or at the timeout)."""
+    topic = unique("contract")
+    broker.ensure_topics([topic])
+    consumer = broker.consumer(topic, group=unique("g"))
+    producer = broker.producer()
+    producer.publish([OutMessage(topic, b"first")], timeout_s=10)
+    assert [m.value for m in drain(consumer, 1)] == [b"first"]  # joined and reading
+    producer.publish([OutMessage(topic, b"lone")], timeout_s=10)
+    started = time.monotonic()
+    got = consumer.next_batch(100, timeout_s=10)
+    waited = time.monotonic() - started
+    assert [m.value for m in got] == [b"lone"]
+    assert waited < 3.0, f"next_batch held a lone message for {waited:.1f} s"
+    consumer.close()
+
+
 def test_unreachable_broker_fails_fast_with_the_address(broker_name: str, cfg) -> None:
     import dataclasses
 
