@@ -74,23 +74,26 @@ _UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError.
 _REFUSED = {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
             KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
             KafkaError._AUTHENTICATION}
-# What a client reports about a topic created a moment ago, until its metadata catches up.
-_SETTLING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-             KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
-             KafkaError._UNKNOWN_TOPIC}
 _NO_TOPIC = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
              KafkaError._UNKNOWN_PARTITION}
+# What a client reports about a topic created a moment ago, until its metadata catches up.
+_SETTLING = _NO_TOPIC | {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
+
+
+def _error(exc: BaseException) -> KafkaError | None:
+    """The KafkaError inside a KafkaException (None for anything else)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return err if isinstance(err, KafkaError) else None
 
 
 def _code(exc: BaseException) -> int | None:
-    """The KafkaError code inside a KafkaException (None for anything else)."""
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    return err.code() if isinstance(err, KafkaError) else None
+    err = _error(exc)
+    return None if err is None else err.code()
 
 
 def _reason(exc: BaseException) -> str:
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    if isinstance(err, KafkaError):
+    err = _error(exc)
+    if err is not None:
         return f"{err.name()}: {err.str()}"
     return str(exc) or type(exc).__name__
 
@@ -208,13 +211,11 @@ class KafkaBroker:
         producer.purge()
         producer.poll(0)  # the purged messages' reports go to their (finished) confirmations
 
-    def metadata(self, topic: str | None = None) -> Any:
-        """The cluster's metadata: every topic (``topic`` None) or one (no auto-creation:
-        the local broker disables it, and the admin client never asks for it)."""
+    def metadata(self) -> Any:
+        """The cluster's metadata, every topic (asking for one by name could create it where
+        a broker allows auto-creation)."""
         with self.translated("list topics"):
-            if topic is None:
-                return self.admin().list_topics(timeout=self.timeout_ms / 1000)
-            return self.admin().list_topics(topic=topic, timeout=self.timeout_ms / 1000)
+            return self.admin().list_topics(timeout=self.timeout_ms / 1000)
 
     def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``; BrokerError when it does not exist."""
@@ -505,8 +506,8 @@ class KafkaTopicConsumer:
                 return self._consumer.get_watermark_offsets(
                     tp, timeout=max(0.1, deadline - time.monotonic()), cached=False)
             except KafkaException as exc:
-                err = exc.args[0]
-                settling = isinstance(err, KafkaError) and (err.retriable() or err.code() in _SETTLING)
+                err = _error(exc)
+                settling = err is not None and (err.retriable() or err.code() in _SETTLING)
                 if not settling or time.monotonic() >= deadline:
                     raise
             time.sleep(0.05)  # start-up only, never on a request's path
