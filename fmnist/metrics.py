@@ -190,9 +190,13 @@ class InstrumentedConsumer:
             return
         self._lag_at = now
         try:
-            self.metrics.update_lag(lag())
+            known = lag()
         except Exception as exc:  # a metric must never stop the serving
             log.debug("consumer lag unavailable: %s", exc)
+            return
+        self.metrics.update_lag(known)
+        if not known:  # nothing known yet (a member still joining its group, no fetch answered
+            self._lag_at = 0.0  # yet): ask again at the next batch, not a second later
 
 
 class HealthServer:

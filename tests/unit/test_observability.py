@@ -117,6 +117,21 @@ def test_in_flight_counts_received_until_committed_and_lag_is_fed(cfg) -> None: 
     assert metrics.last_beat > 0
 
 
+def test_lag_is_asked_again_at_once_while_the_consumer_knows_none(cfg) -> None:  # noqa: F811
+    """librdkafka joins its group in the background: the first ask may find no partitions yet.
+    That must not hold the first figures back for a whole refresh interval."""
+    worker, broker, consumer, producer = make_worker(cfg)
+    metrics = Metrics("memory")
+    answers = iter([{}, {(REQ, 1): 4}, {(REQ, 1): 9}])
+    consumer.lag = lambda: next(answers)
+    wrapped = InstrumentedConsumer(consumer, metrics)
+    for _ in range(3):  # well inside one LAG_EVERY_S
+        wrapped.next_batch(1, 0.0)
+    # the second ask came at once; the third waits for the interval
+    assert sample(generate_latest(metrics.registry).decode(),
+                  'fmnist_kafka_consumer_lag{partition="1",topic="req_predict"}') == 4
+
+
 def test_a_change_is_loaded_once_after_it_settles_and_sighup_forces_one(tmp_path) -> None:
     weights = tmp_path / "m.keras"
     weights.write_bytes(b"v1")
