@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from fmnist import config, logs, protocol
+from fmnist import config, logs
 from fmnist.brokers.base import Message, OutMessage, connect
-from fmnist.serve import install_signal_handlers
-from fmnist.worker import BatchResult, Prepared, Worker, default_worker_id, group_for
+from fmnist.serving import protocol
+from fmnist.serving.serve import install_signal_handlers
+from fmnist.serving.worker import BatchResult, Prepared, Worker, default_worker_id, group_for
 
 
 class EchoWorker(Worker):

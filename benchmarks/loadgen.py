@@ -19,8 +19,8 @@ from typing import Any
 
 from common import ROOT, Topics, percentiles
 
-from fmnist import protocol
 from fmnist.brokers.base import Message, OutMessage, connect
+from fmnist.serving import protocol
 
 PUBLISH_CHUNK = 1000
 SUSTAINED_FRACTION = 0.9  # answers must keep up with at least 90% of the offered rate

@@ -42,8 +42,9 @@ def per_call_us(fn, calls: int) -> float:
 
 def request_costs(predictor, cfg) -> dict[str, float]:
     """What a worker spends per request outside the forward pass (one core, microseconds)."""
-    from fmnist import imaging, protocol
+    from fmnist import imaging
     from fmnist.brokers.base import Message
+    from fmnist.serving import protocol
 
     payloads = pngs()
     model = {"name": predictor.name, "version": predictor.version}
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     from fmnist import config, imaging
-    from fmnist.predictor import Predictor
+    from fmnist.model.predictor import Predictor
 
     cfg = config.load()
     predictor = Predictor(args.weights, max_batch=max(batches), top_k=cfg.model.top_k,

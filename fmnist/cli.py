@@ -119,7 +119,8 @@ def train_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Train the CNN on the 60k training images; save weights, meta.json and a curve PNG."""
-    from fmnist import console, train
+    from fmnist import console
+    from fmnist.model import train
 
     cfg = load_config(config, train__epochs=epochs, train__batch_size=batch_size,
                       train__seed=seed, model__name=name, train__limit=limit)
@@ -149,7 +150,8 @@ def evaluate_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Test accuracy, loss, per-class precision/recall/F1, confusion-matrix and mistakes PNGs."""
-    from fmnist import console, evaluate
+    from fmnist import console
+    from fmnist.model import evaluate
 
     result = evaluate.evaluate(load_config(config, model__name=name))
     if as_json:
@@ -173,7 +175,8 @@ def predict_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Classify local image files, no broker needed. Exit 3 if any file could not be read."""
-    from fmnist import console, predict
+    from fmnist import console
+    from fmnist.model import predict
 
     cfg = load_config(config, model__name=name, model__top_k=top_k)
     results = predict.predict_files(cfg, images)
@@ -210,7 +213,7 @@ def serve_cmd(
         "--reload", help="Hot-reload the weights file when it changes (SIGHUP also reloads).")] = False,
 ) -> None:
     """Serve predictions: consume requests, predict in micro-batches, publish answers."""
-    from fmnist import serve
+    from fmnist.serving import serve
 
     cfg = load_config(config, serve__broker=broker, model__name=name,
                       serve__max_batch_size=max_batch_size, serve__max_wait_ms=max_wait_ms,

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmnist import protocol
 from fmnist.brokers.base import Broker, Consumer, Message, OutMessage
 from fmnist.config import Config, project_root
 from fmnist.errors import BrokerTimeout, MissingArtifactError
+from fmnist.serving import protocol
 
 DEFAULT_IMAGE = "sneaker7.png"
 

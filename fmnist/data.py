@@ -293,7 +293,7 @@ def _content_range(value: str | None) -> tuple[int, int | None]:
 
 def describe(source: Source) -> dict[str, object]:
     """Sizes, class balance and checksums of both splits, for `fmnist data`."""
-    from fmnist.model import CLASS_NAMES
+    from fmnist.model.network import CLASS_NAMES
 
     info: dict[str, object] = {"source": str(source.directory), "layout": source.layout}
     for split in SPLITS:

@@ -10,8 +10,8 @@ import numpy as np
 
 from fmnist.brokers.base import Message, OutMessage
 from fmnist.errors import BrokerError
-from fmnist.model import CLASS_NAMES
-from fmnist.predictor import Prediction
+from fmnist.model.network import CLASS_NAMES
+from fmnist.model.predictor import Prediction
 
 
 @dataclass

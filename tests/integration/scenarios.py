@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmnist import protocol
 from fmnist.brokers.base import Message, OutMessage, connect
 from fmnist.client import decode_response
 from fmnist.errors import BrokerError
+from fmnist.serving import protocol
 from tests.helpers import poll_until
 from tests.integration.conftest import FMNIST, ROOT, Topics, WorkerProcess
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fmnist import artifacts, config
+from fmnist import config
 from fmnist.cli import app
-from fmnist.predictor import Predictor
+from fmnist.model import artifacts
+from fmnist.model.predictor import Predictor
 from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.slow

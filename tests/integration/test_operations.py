@@ -32,10 +32,12 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fmnist import artifacts, config, protocol
+from fmnist import config
 from fmnist.brokers.base import Message, OutMessage, connect
-from fmnist.metrics import STUCK_AFTER_S
-from fmnist.model import CLASS_NAMES
+from fmnist.model import artifacts
+from fmnist.model.network import CLASS_NAMES
+from fmnist.serving import protocol
+from fmnist.serving.metrics import STUCK_AFTER_S
 from tests.helpers import http_get as get
 from tests.helpers import poll_until
 from tests.integration.conftest import FMNIST, ROOT, Topics, WorkerProcess

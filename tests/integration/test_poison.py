@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from fmnist import protocol
 from fmnist.brokers.base import OutMessage
 from fmnist.errors import BrokerError
+from fmnist.serving import protocol
 from tests.integration import scenarios
 from tests.integration.scenarios import LABELS, MODEL, Run
 

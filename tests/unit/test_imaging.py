@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from fmnist import config, data, imaging, png
+from fmnist import config, data, imaging
 from fmnist.config import ImagingConfig
 from fmnist.errors import ConfigError, ImageError
-from fmnist.model import CLASS_NAMES
+from fmnist.imaging import png
+from fmnist.model.network import CLASS_NAMES
 
 CFG = ImagingConfig()
 ROOT = Path(__file__).resolve().parents[2]
@@ -801,7 +802,8 @@ def test_zlib_bomb_inflates_no_further_than_the_image(tmp_path: Path) -> None:
     child = textwrap.dedent("""
         import pathlib, sys
         import numpy as np
-        from fmnist import imaging, png
+        from fmnist import imaging
+        from fmnist.imaging import png
         from fmnist.config import ImagingConfig
         folder = pathlib.Path(sys.argv[1])
         bomb, expected = (folder / "bomb.png").read_bytes(), np.load(folder / "object.npy")

@@ -11,8 +11,8 @@ from prometheus_client import generate_latest
 
 from fmnist.errors import ModelError
 from fmnist.logs import JsonFormatter
-from fmnist.metrics import HealthServer, InstrumentedConsumer, Metrics
-from fmnist.reload import Reloader
+from fmnist.serving.metrics import HealthServer, InstrumentedConsumer, Metrics
+from fmnist.serving.reload import Reloader
 from tests.fakes import BrightnessPredictor
 from tests.helpers import http_get as get
 from tests.unit.test_worker import REQ, RES, cfg, make_worker, png, request  # noqa: F401
@@ -90,7 +90,7 @@ def test_reload_swaps_a_good_model_and_refuses_a_broken_one(tmp_path) -> None:
 
 
 def test_json_logs_carry_event_level_worker_and_request_id() -> None:
-    record = logging.LogRecord("fmnist.worker", logging.WARNING, __file__, 1, "bad %s", ("x",),
+    record = logging.LogRecord("fmnist.serving.worker", logging.WARNING, __file__, 1, "bad %s", ("x",),
                                None)
     record.request_id = "r-1"
     line = json.loads(JsonFormatter("w-9").format(record))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fmnist.predictor import buckets, plan
+from fmnist.model.predictor import buckets, plan
 
 
 def test_buckets_are_powers_of_two_up_to_and_including_the_maximum() -> None:

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fmnist import protocol
 from fmnist.brokers.base import Message
-from fmnist.model import CLASS_NAMES
-from fmnist.predictor import Prediction, rank, rank_many
+from fmnist.model.network import CLASS_NAMES
+from fmnist.model.predictor import Prediction, rank, rank_many
+from fmnist.serving import protocol
 
 MODEL = {"name": "fmnist", "version": "abc123"}
 RECEIVED_AT = 1_700_000_000.125  # seconds; the worker finishes 125 ms later

@@ -72,7 +72,7 @@ def test_once_keras_is_imported_auto_accepts_it_and_a_different_choice_is_an_err
 def test_compiled_forward_passes_are_cached_on_disk_for_the_next_start(tmp_path) -> None:
     cache = tmp_path / "jax-cache"
     weights = Path(__file__).resolve().parents[2] / "weights" / "fmnist.keras"
-    code = ("import json; from pathlib import Path; from fmnist.predictor import Predictor; "
+    code = ("import json; from pathlib import Path; from fmnist.model.predictor import Predictor; "
             f"p = Predictor(Path({str(weights)!r}), max_batch=2, compile_cache={str(cache)!r}); "
             "print(json.dumps({'backend': p.backend, 'buckets': sorted(p.bucket_ms)}))")
     got = backend_in_a_fresh_process(code)

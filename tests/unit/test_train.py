@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import artifacts, calibration, config, train
+from fmnist import config
 from fmnist.errors import ModelError
+from fmnist.model import artifacts, calibration, train
 
 
 def test_softening_at_temperature_one_changes_nothing_and_higher_spreads_the_mass() -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from fmnist import config
 from fmnist.brokers.base import OutMessage
 from fmnist.errors import BrokerError
-from fmnist.worker import Worker
+from fmnist.serving.worker import Worker
 from tests.fakes import BrightnessPredictor, MemoryBroker
 
 REQ, RES, DLQ = "req_predict", "res_predict", "req_predict.dlq"

@@ -15,7 +15,7 @@ Checks, in this order, each failing with an ``ImageError`` whose ``code`` is sta
 
 Fast path: most requests are 28x28 8-bit greyscale PNGs, and Pillow's Python around its C
 decoder (file object, chunk dispatch, ``ImageFile.load``) was two thirds of their ``decode`` time.
-After the checks above, ``fmnist.png.decode_grey`` reads such a PNG with that same C decoder, so
+After the checks above, ``fmnist.imaging.png.decode_grey`` reads such a PNG with that same C decoder, so
 the pixels are the same bit for bit; anything it does not vouch for (another mode,
 transparency, EXIF, a bad CRC, any anomaly) returns None and goes through Pillow as before,
 with the same errors and messages.
@@ -47,9 +47,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from fmnist import png
 from fmnist.config import ImagingConfig
 from fmnist.errors import ConfigError, ImageError
+from fmnist.imaging import png
 
 SIZE = 28
 INVERT_MODES = ("auto", "always", "never")
@@ -134,7 +134,7 @@ def decode(payload: bytes, cfg: ImagingConfig) -> np.ndarray:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some module; "
                            "fmnist.imaging needs Pillow's default (False).")
     grey = png.decode_grey(payload) if fmt == "PNG" else None
-    if grey is not None:  # the common case, without Pillow's Python (see fmnist.png)
+    if grey is not None:  # the common case, without Pillow's Python (see fmnist.imaging.png)
         return _to_model_input(grey, None, cfg.invert)
     grey, alpha = _open(payload, fmt, limit, limit_name)
     return _to_model_input(grey, alpha, cfg.invert)

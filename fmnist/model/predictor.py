@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from fmnist import artifacts, calibration
 from fmnist.config import Config
-from fmnist.model import CLASS_NAMES
+from fmnist.model import artifacts, calibration
+from fmnist.model.network import CLASS_NAMES
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from types import FrameType
 from fmnist import logs
 from fmnist.brokers.base import connect
 from fmnist.config import Config
-from fmnist.metrics import HealthServer, InstrumentedBroker, Metrics
-from fmnist.reload import Reloader
-from fmnist.worker import Worker, default_worker_id, group_for
+from fmnist.serving.metrics import HealthServer, InstrumentedBroker, Metrics
+from fmnist.serving.reload import Reloader
+from fmnist.serving.worker import Worker, default_worker_id, group_for
 
-log = logging.getLogger("fmnist.serve")
+log = logging.getLogger("fmnist.serving.serve")
 
 
 def install_signal_handlers(worker: Worker) -> None:
@@ -35,7 +35,7 @@ def install_signal_handlers(worker: Worker) -> None:
 
 
 def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
-    from fmnist.predictor import Predictor
+    from fmnist.model.predictor import Predictor
 
     worker_id = cfg.serve.worker_id or default_worker_id()
     logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)

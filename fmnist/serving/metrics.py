@@ -33,7 +33,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
 LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: see its lag())
 
-log = logging.getLogger("fmnist.metrics")
+log = logging.getLogger("fmnist.serving.metrics")
 
 
 class Metrics:

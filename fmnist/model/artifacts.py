@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.errors import ModelError
-from fmnist.model import CLASS_NAMES, INPUT_SHAPE, PREPROCESSING
+from fmnist.model.network import CLASS_NAMES, INPUT_SHAPE, PREPROCESSING
 
 META_FORMAT = 1
 TRAIN_HINT = "Train one with `fmnist train`, or point `model.weights_dir` / `model.name` at one."

@@ -13,7 +13,7 @@ import numpy as np
 
 from fmnist import data
 from fmnist.config import Config
-from fmnist.model import CLASS_NAMES
+from fmnist.model.network import CLASS_NAMES
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def per_class_scores(labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndar
 
 
 def evaluate(cfg: Config, out_dir: Path | None = None) -> Evaluation:
-    from fmnist.predictor import Predictor
+    from fmnist.model.predictor import Predictor
 
     test = data.load_split("test", data.locate(cfg.data))
     predictor = Predictor.configured(cfg, max_batch=512)

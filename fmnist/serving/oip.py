@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fmnist.protocol import RequestError
+from fmnist.serving.protocol import RequestError
 
 CONTENT_TYPES = ("application/json", "application/vnd.oip+json")
 DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}

@@ -27,7 +27,7 @@ def predict_files(cfg: Config, names: list[str]) -> list[dict[str, Any]]:
 
     Every readable file is classified even when others fail; the CLI exits non-zero if any did.
     """
-    from fmnist.predictor import Predictor
+    from fmnist.model.predictor import Predictor
 
     results: list[dict[str, Any]] = []
     pixels, slots = [], []

@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from fmnist import imaging, oip, protocol
+from fmnist import imaging
 from fmnist.brokers.base import Broker, Confirmation, Consumer, Message, OutMessage, Producer
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ImageError
+from fmnist.serving import oip, protocol
 
-log = logging.getLogger("fmnist.worker")
+log = logging.getLogger("fmnist.serving.worker")
 _PROTOCOL_HEADERS = (protocol.REQUEST_ID, protocol.CONTENT_TYPE, protocol.SENT_AT,
                      protocol.REPLY_TO, protocol.TRACEPARENT)
 

@@ -15,10 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fmnist import artifacts, calibration, data
+from fmnist import data
 from fmnist.config import Config, as_dict
 from fmnist.errors import ModelError
-from fmnist.model import CLASS_NAMES, build, multiply_adds
+from fmnist.model import artifacts, calibration
+from fmnist.model.network import CLASS_NAMES, build, multiply_adds
 from fmnist.runtime import device_description, keras_module, library_versions, select_backend
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fmnist.errors import FmnistError
 
-log = logging.getLogger("fmnist.reload")
+log = logging.getLogger("fmnist.serving.reload")
 
 
 class Reloader:
