@@ -20,30 +20,39 @@
 #   KAFKA_HEAP_OPTS   JVM heap (default -Xms256m -Xmx768m)
 #   KAFKA_READY_S     how long `up` waits for readiness (default 60)
 #   KAFKA_STOP_S      how long `down` waits after SIGTERM before SIGKILL (default 30)
+#
+# The pid file, `up`'s readiness wait, `down` and `status` live in scripts/lib.sh (shared with
+# scripts/pubsub.sh).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$repo/scripts/lib.sh"
+svc=kafka.sh
+java_min=17
 pom="$repo/scripts/kafka/pom.xml"
 version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+title="Kafka $version"
 cache="${FMNIST_CACHE:-$HOME/.cache/fmnist}/kafka-$version"
 libs="$cache/libs"
 state="${FMNIST_STATE:-$repo/.state}/kafka"
 pid_file="$state/kafka.pid"
-out_file="$state/kafka.out"   # the JVM's own stdout/stderr (crashes, bad flags)
+proc_match='kafka\.Kafka'
+service_out="$state/kafka.out"   # the JVM's own stdout/stderr (crashes, bad flags)
 log_file="$state/logs/server.log"
+state_files=()
 props="$state/server.properties"
 host=127.0.0.1
 port="${KAFKA_PORT:-9092}"
 controller_port="${KAFKA_CONTROLLER_PORT:-9093}"
+free_hint="KAFKA_PORT / KAFKA_CONTROLLER_PORT to free ports"
 ready_s="${KAFKA_READY_S:-60}"
 stop_s="${KAFKA_STOP_S:-30}"
+poll_s=0.2  # each readiness check starts a Python client
+up_note=""
+status_note=", Kafka $version"
 python="$repo/.venv/bin/python"
 log_mark=1
-
-die() {
-  echo "kafka.sh: $1" >&2
-  exit "${2:-1}"
-}
 
 fetch_jars() {
   local want
@@ -130,24 +139,19 @@ format_once() {
     || { cat "$state/format.out" >&2; die "formatting $state/data failed."; }
 }
 
-# The pid recorded by `up`, if that process is still alive and still our broker.
-running_pid() {
-  [[ -f "$pid_file" ]] || return 1
-  local pid
-  pid="$(cat "$pid_file")"
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
-    && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' && echo "$pid"
+running_addr() {
+  echo "$host:$port"
 }
 
-port_busy() {
-  (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null
+listen_addrs() {
+  printf '%s\n' "$host:$port" "$host:$controller_port"
 }
 
 # The broker answers a metadata request (it is up, unfenced and serving clients).
 answers() {
-  port_busy "$port" || return 1
+  port_busy "$1" || return 1
   if [[ -x "$python" ]] && "$python" -c 'import confluent_kafka' 2>/dev/null; then
-    "$python" - "$host:$port" >/dev/null 2>&1 <<'EOF'
+    "$python" - "$1" >/dev/null 2>&1 <<'EOF'
 import sys
 from confluent_kafka.admin import AdminClient
 AdminClient({"bootstrap.servers": sys.argv[1], "log_level": 0}).list_topics(timeout=2)
@@ -157,111 +161,23 @@ EOF
   fi
 }
 
-# The last lines this run wrote to the broker's log (earlier runs' lines would mislead).
-log_tail() {
+# The JVM's own output, then the last lines this run wrote to the broker's log (earlier runs'
+# lines would mislead).
+show_logs() {
+  echo "--- $service_out"
+  tail -n 15 "$service_out" 2>/dev/null || true
+  echo "--- $log_file"
   tail -n +"$log_mark" "$log_file" 2>/dev/null | tail -n 30 || true
 }
 
-cmd_up() {
-  local pid
-  if pid="$(running_pid)"; then
-    echo "Kafka already running (pid $pid) on $host:$port."
-    return 0
-  fi
-  for p in "$port" "$controller_port"; do
-    if port_busy "$p"; then
-      echo "kafka.sh: $host:$p is already in use by a process this script did not start" \
-           "(a Kafka from docker-compose?)." >&2
-      echo "Stop it, or set KAFKA_PORT / KAFKA_CONTROLLER_PORT to free ports." >&2
-      return 1
-    fi
-  done
-  command -v java >/dev/null || die "java (17 or newer) is not installed." 2
+prepare() {
   fetch_jars
   write_config
   set_jvm
-  local started="$EPOCHREALTIME"
   format_once
-  rm -f "$pid_file"
   log_mark=$(( $(cat "$log_file" 2>/dev/null | wc -l) + 1 ))  # this run's lines start here
-  # setsid: its own session, so it survives this shell; the new session leader writes its own
-  # pid and then execs java, so the recorded pid is the broker itself.
-  nohup setsid bash -c 'echo $$ >"$0" && exec "$@"' "$pid_file" \
-    "${jvm[@]}" kafka.Kafka "$props" >"$out_file" 2>&1 </dev/null &
-  local deadline=$((SECONDS + ready_s))
-  until [[ -s "$pid_file" ]] || ((SECONDS >= deadline)); do sleep 0.05; done
-  pid="$(cat "$pid_file" 2>/dev/null || true)"
-  pid="${pid:-0}"
-  until answers; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "kafka.sh: the broker exited during start. Last lines of $out_file and $log_file:" >&2
-      tail -n 15 "$out_file" >&2 || true
-      log_tail >&2
-      rm -f "$pid_file"
-      return 1
-    fi
-    if ((SECONDS >= deadline)); then
-      echo "kafka.sh: the broker did not answer on $host:$port within ${ready_s}s." \
-           "Last lines of $log_file:" >&2
-      log_tail >&2
-      cmd_down >/dev/null || true
-      return 1
-    fi
-    sleep 0.2  # polling interval of the readiness wait, bounded by the deadline above
-  done
-  local took
-  took="$(awk "BEGIN {print ${EPOCHREALTIME/,/.} - ${started/,/.}}")"
-  printf 'Kafka %s up on %s:%s (pid %s) in %.1fs; log: %s\n' \
-    "$version" "$host" "$port" "$pid" "$took" "$log_file"
+  service_cmd=("${jvm[@]}" kafka.Kafka "$props")
+  service_dir="$state"
 }
 
-cmd_down() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$pid_file"
-    echo "Kafka is not running."
-    return 0
-  fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + stop_s))
-  while kill -0 "$pid" 2>/dev/null; do
-    if ((SECONDS >= deadline)); then
-      echo "kafka.sh: no clean shutdown within ${stop_s}s; killing pid $pid." >&2
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.1  # polling interval of the shutdown wait, bounded by the deadline above
-  done
-  deadline=$((SECONDS + 5))
-  while port_busy "$port" && ((SECONDS < deadline)); do sleep 0.1; done
-  rm -f "$pid_file"
-  if port_busy "$port"; then
-    echo "kafka.sh: stopped pid $pid but $host:$port is still in use." >&2
-    return 1
-  fi
-  echo "Kafka stopped (pid $pid)."
-}
-
-cmd_status() {
-  local pid
-  if pid="$(running_pid)" && answers; then
-    echo "running (pid $pid) on $host:$port, Kafka $version"
-    return 0
-  fi
-  if [[ -n "${pid:-}" ]]; then
-    echo "starting or unresponsive (pid $pid) on $host:$port"
-    return 1
-  fi
-  echo "stopped"
-  return 1
-}
-
-case "${1:-}" in
-  up) cmd_up ;;
-  down) cmd_down ;;
-  status) cmd_status ;;
-  *)
-    echo "usage: $0 up|down|status" >&2
-    exit 2
-    ;;
-esac
+main "$@"

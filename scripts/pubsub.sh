@@ -2,7 +2,8 @@
 # The local Google Pub/Sub emulator (the one shipped with google-cloud-cli): up | down | status.
 #
 #   scripts/pubsub.sh up       start it in the background on $PUBSUB_HOST_PORT, wait until ready
-#   scripts/pubsub.sh down     stop it (the whole process group) and wait until the port is free
+#   scripts/pubsub.sh down     stop it (SIGTERM to its process group; SIGKILL after
+#                              $PUBSUB_STOP_S) and wait until the port is free
 #   scripts/pubsub.sh status   print running/stopped; exit 0 when running, 1 when stopped
 #
 # Start time: `up` is ready in 1.3-3.8 s (median ~2 s over 12 runs) on a 2-core machine with
@@ -30,27 +31,42 @@
 #   PUBSUB_EMULATOR_JAR  the emulator's jar (default: found under the installed google-cloud-sdk)
 #   PUBSUB_JAVA_OPTS     extra JVM options
 #   PUBSUB_READY_S       how long `up` waits for readiness (default 60)
+#   PUBSUB_STOP_S        how long `down` waits after SIGTERM before SIGKILL (default 15)
+#
+# The pid file, `up`'s readiness wait, `down` and `status` live in scripts/lib.sh (shared with
+# scripts/kafka.sh).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$repo/scripts/lib.sh"
+svc=pubsub.sh
+title="Pub/Sub emulator"
+java_min=11
 state="${FMNIST_STATE:-$repo/.state}/pubsub"
 pid_file="$state/emulator.pid"
 addr_file="$state/emulator.addr"  # where the running emulator listens (PUBSUB_HOST_PORT of `up`)
+state_files=("$addr_file")
 log_file="$state/emulator.log"
+service_out="$log_file"
 data_dir="$state/data"
 host_port="${PUBSUB_HOST_PORT:-127.0.0.1:8085}"
 host="${host_port%:*}"
 port="${host_port##*:}"
+free_hint="PUBSUB_HOST_PORT to a free address"
 project="${PUBSUB_PROJECT:-fmnist-local}"
 ready_s="${PUBSUB_READY_S:-60}"
+stop_s="${PUBSUB_STOP_S:-15}"
+poll_s=0.1
+up_note=""
+status_note=""
 main_class="com.google.cloud.pubsub.testing.v1.Main"
+proc_match="${main_class//./\\.}"
 
 find_jar() {
   if [[ -n "${PUBSUB_EMULATOR_JAR:-}" ]]; then
-    if [[ ! -f "$PUBSUB_EMULATOR_JAR" ]]; then
-      echo "pubsub.sh: PUBSUB_EMULATOR_JAR=$PUBSUB_EMULATOR_JAR does not exist." >&2
-      exit 2
-    fi
+    [[ -f "$PUBSUB_EMULATOR_JAR" ]] \
+      || die "PUBSUB_EMULATOR_JAR=$PUBSUB_EMULATOR_JAR does not exist." 2
     echo "$PUBSUB_EMULATOR_JAR"
     return
   fi
@@ -64,7 +80,7 @@ find_jar() {
       fi
     done
   done
-  echo "pubsub.sh: the Pub/Sub emulator is not installed." >&2
+  echo "$svc: the Pub/Sub emulator is not installed." >&2
   echo "Install it with \`gcloud components install pubsub-emulator\` (or the apt package" \
        "google-cloud-cli-pubsub-emulator), or point PUBSUB_EMULATOR_JAR at its jar." >&2
   exit 2
@@ -121,138 +137,37 @@ JAVA
   echo "$dir/classes"
 }
 
-# The pid recorded by `up`, if that process is still alive and still the emulator (a stale
-# pid file must never make `down` signal someone else's process).
-running_pid() {
-  [[ -f "$pid_file" ]] || return 1
-  local pid
-  pid="$(cat "$pid_file")"
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-  ps -o args= -p "$pid" 2>/dev/null | grep -q -e "$main_class" -e "setsid bash -c" || return 1
-  echo "$pid"
-}
-
 answers() {
-  curl -s --max-time 1 -o /dev/null "http://${1:-$host_port}/"
-}
-
-port_busy() {
-  local addr="${1:-$host_port}"
-  (exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}") 2>/dev/null
+  curl -s --max-time 1 -o /dev/null "http://$1/"
 }
 
 running_addr() {
   cat "$addr_file" 2>/dev/null || echo "$host_port"
 }
 
-cmd_up() {
-  local pid
-  if pid="$(running_pid)"; then
-    echo "Pub/Sub emulator already running (pid $pid) on $(running_addr)."
-    return 0
-  fi
-  if port_busy; then
-    echo "pubsub.sh: $host_port is already in use by a process this script did not start." >&2
-    echo "Stop it, or set PUBSUB_HOST_PORT to a free address." >&2
-    return 1
-  fi
-  if ! command -v java >/dev/null; then
-    echo "pubsub.sh: java is not installed (the emulator needs Java 11 or newer)." >&2
-    exit 2
-  fi
-  local started jar shim classpath
-  started="$EPOCHREALTIME"
+listen_addrs() {
+  echo "$host_port"
+}
+
+show_logs() {
+  echo "--- $log_file"
+  tail -n 30 "$log_file" 2>/dev/null || true
+}
+
+prepare() {
+  local jar shim
   jar="$(find_jar)"
   mkdir -p "$data_dir"
   shim="$(shim_for "$jar")"
-  classpath="${shim:+$shim:}$jar"
+  up_note="${shim:+ with grpc shim}"
   # What `gcloud beta emulators pubsub env-init` would print, for other tools to source.
   printf 'PUBSUB_EMULATOR_HOST=%s\nPUBSUB_PROJECT_ID=%s\n' "$host_port" "$project" \
     >"$data_dir/env"
-  # setsid: its own session and process group, so it survives this shell and `down` can kill
-  # the whole group. The new session leader writes its own pid (= the group id), then execs
-  # java, so the recorded pid is the emulator itself.
-  rm -f "$pid_file"
   echo "$host_port" >"$addr_file"
-  # shellcheck disable=SC2086  # PUBSUB_JAVA_OPTS is a list of options
-  nohup setsid bash -c 'cd "$0" && echo $$ >"$1" && shift && exec "$@"' \
-    "$data_dir" "$pid_file" java ${PUBSUB_JAVA_OPTS:-} -cp "$classpath" "$main_class" \
-    --host="$host" --port="$port" >"$log_file" 2>&1 </dev/null &
-  local deadline=$((SECONDS + ready_s))
-  until [[ -s "$pid_file" ]] || ((SECONDS >= deadline)); do sleep 0.05; done
-  pid="$(cat "$pid_file" 2>/dev/null || true)"
-  pid="${pid:-0}"
-  until answers; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "pubsub.sh: the emulator exited during start. Last lines of $log_file:" >&2
-      tail -n 30 "$log_file" >&2 || true
-      rm -f "$pid_file"
-      return 1
-    fi
-    if ((SECONDS >= deadline)); then
-      echo "pubsub.sh: the emulator did not answer on $host_port within ${ready_s}s." \
-           "Last lines of $log_file:" >&2
-      tail -n 30 "$log_file" >&2 || true
-      cmd_down >/dev/null || true
-      return 1
-    fi
-    sleep 0.1  # polling interval of the readiness wait, bounded by the deadline above
-  done
-  local took
-  took="$(awk "BEGIN {print ${EPOCHREALTIME/,/.} - ${started/,/.}}")"
-  printf 'Pub/Sub emulator up on %s (pid %s) in %.1fs%s; log: %s\n' \
-    "$host_port" "$pid" "$took" "${shim:+ with grpc shim}" "$log_file"
+  # shellcheck disable=SC2206  # PUBSUB_JAVA_OPTS is a list of options
+  service_cmd=(java ${PUBSUB_JAVA_OPTS:-} -cp "${shim:+$shim:}$jar" "$main_class"
+               --host="$host" --port="$port")
+  service_dir="$data_dir"
 }
 
-cmd_down() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$pid_file" "$addr_file"
-    echo "Pub/Sub emulator is not running."
-    return 0
-  fi
-  local addr
-  addr="$(running_addr)"
-  # The pid is the group leader (setsid); signal the whole group so no java child survives.
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + 15))
-  while kill -0 -- "-$pid" 2>/dev/null; do
-    if ((SECONDS >= deadline)); then
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.1  # polling interval of the shutdown wait, bounded by the deadline above
-  done
-  deadline=$((SECONDS + 5))
-  while port_busy "$addr" && ((SECONDS < deadline)); do sleep 0.1; done
-  rm -f "$pid_file" "$addr_file"
-  if port_busy "$addr"; then
-    echo "pubsub.sh: stopped pid $pid but $addr is still in use." >&2
-    return 1
-  fi
-  echo "Pub/Sub emulator stopped (pid $pid)."
-}
-
-cmd_status() {
-  local pid
-  if pid="$(running_pid)" && answers "$(running_addr)"; then
-    echo "running (pid $pid) on $(running_addr)"
-    return 0
-  fi
-  if [[ -n "${pid:-}" ]]; then
-    echo "starting or unresponsive (pid $pid) on $(running_addr)"
-    return 1
-  fi
-  echo "stopped"
-  return 1
-}
-
-case "${1:-}" in
-  up) cmd_up ;;
-  down) cmd_down ;;
-  status) cmd_status ;;
-  *)
-    echo "usage: $0 up|down|status" >&2
-    exit 2
-    ;;
-esac
+main "$@"
