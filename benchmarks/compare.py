@@ -1,6 +1,8 @@
 """Before/after: one markdown row per (result file, configuration), for tuning decisions.
 
-    python benchmarks/compare.py baseline=results/tuning/a.json threads1=results/tuning/b.json
+    python benchmarks/compare.py \
+        b64=benchmarks/results/tuning/2026-11-29-batching/20261129T131743Z-b64.json \
+        b256=benchmarks/results/tuning/2026-11-29-batching/20261129T132025Z-b256.json
 """
 
 from __future__ import annotations
