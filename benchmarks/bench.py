@@ -32,7 +32,7 @@ from common import PYTHON, ROOT, Topics, WorkerProcess, machine, training_runnin
 from loadgen import LoadGen
 
 from fmnist import config
-from fmnist.brokers.base import connect
+from fmnist.brokers import connect
 from fmnist.errors import FmnistError
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -184,8 +184,7 @@ def run_once(args: argparse.Namespace, broker: str, kind: str, workers: int,
 
 def broker_pid(broker: str, overrides: dict[str, str]) -> int | None:
     cfg = config.load(env={**os.environ, **overrides})
-    address = cfg.kafka.bootstrap_servers.split(",")[0] if broker == "kafka" \
-        else cfg.pubsub.emulator_host
+    address = connect(broker, cfg).address.split(",")[0]
     try:
         return common.listening_pid(int(address.rsplit(":", 1)[1]))
     except (IndexError, ValueError):
@@ -208,8 +207,7 @@ def start_brokers(names: list[str], cfg: config.Config) -> list[str]:
             b.check(3)
             continue
         except FmnistError:
-            local = (cfg.kafka.bootstrap_servers if name == "kafka" else cfg.pubsub.emulator_host) \
-                in ("127.0.0.1:9092", "127.0.0.1:8085")
+            local = b.address in ("127.0.0.1:9092", "127.0.0.1:8085")
             if not local:
                 raise
         finally:

@@ -1,10 +1,10 @@
 """The broker ceiling: a worker that answers every request with the request's own bytes.
 
-It is fmnist's own ``Worker`` with ``prepare`` swapped for an echo, so everything else is the
-same code: the broker adapter classes from ``fmnist.brokers`` and their settings (from the same
-config and ``FMNIST_*`` environment), the micro-batching (``serve.max_batch_size`` /
-``serve.max_wait_ms``), publish-and-confirm before commit, and SIGTERM draining. No
-TensorFlow, no decode, no JSON: the best any worker on this broker and client library can do.
+It is fmnist's own ``Worker`` with an echo as its batch handler, so everything else is the
+same code (docs/decisions.md#echo-ceiling): the broker adapters from ``fmnist.brokers`` and
+their settings (from the same config and ``FMNIST_*`` environment), the micro-batching
+(``serve.max_batch_size`` / ``serve.max_wait_ms``), publish-and-confirm before commit, and
+SIGTERM draining. No TensorFlow, no decode, no JSON: the best any worker on this broker and client library can do.
 
     FMNIST_SERVE__BROKER=kafka python benchmarks/echo_worker.py
 """
@@ -15,13 +15,22 @@ import logging
 import sys
 
 from fmnist import config, logs
-from fmnist.brokers.base import Message, OutMessage, connect
+from fmnist.brokers import Message, OutMessage, connect
 from fmnist.serving import protocol
+from fmnist.serving.handler import BatchResult, Prepared
 from fmnist.serving.serve import install_signal_handlers
-from fmnist.serving.worker import BatchResult, Prepared, Worker, default_worker_id, group_for
+from fmnist.serving.worker import Worker, default_worker_id
 
 
-class EchoWorker(Worker):
+class EchoHandler:
+    """A ``BatchHandler`` that answers each request with its own bytes."""
+
+    model = None  # nothing to swap or to keep out of the garbage collector's scans
+
+    def __init__(self, cfg: config.Config, worker_id: str) -> None:
+        self.cfg = cfg
+        self.worker_id = worker_id
+
     def prepare(self, messages: list[Message]) -> Prepared:
         topic = self.cfg.broker.response_topic
         out = []
@@ -39,8 +48,7 @@ def main() -> int:
     worker_id = cfg.serve.worker_id or f"echo-{default_worker_id()}"
     logs.setup(cfg.serve.log_format, cfg.serve.log_level, worker_id)
     broker = connect(cfg.serve.broker, cfg)
-    worker = EchoWorker(cfg, broker, predictor=None, group=group_for(cfg.serve.broker, cfg),
-                        worker_id=worker_id, freeze_heap=True)  # as `fmnist serve`
+    worker = Worker(cfg, broker, EchoHandler(cfg, worker_id), freeze_heap=True)  # as `fmnist serve`
     install_signal_handlers(worker)
     logging.getLogger("fmnist.echo").info("echo worker on %s: %s -> %s", cfg.serve.broker,
                                           cfg.broker.request_topic, cfg.broker.response_topic)

@@ -19,7 +19,7 @@ from typing import Any
 
 from common import ROOT, Topics, percentiles
 
-from fmnist.brokers.base import Message, OutMessage, connect
+from fmnist.brokers import Broker, Message, OutMessage, connect
 from fmnist.serving import protocol
 
 PUBLISH_CHUNK = 1000
@@ -178,17 +178,10 @@ class LoadGen:
         delete_topics(self.broker, self.topics)
 
 
-def delete_topics(broker: Any, topics: Topics) -> None:
+def delete_topics(broker: Broker, topics: Topics) -> None:
     """Best effort: leave no benchmark topics (or emulator subscriptions) behind."""
     try:
-        if broker.name == "kafka":
-            broker.delete_topics(topics.all())
-        else:
-            sub, pub = broker.subscriber(), broker.publisher()
-            for t in topics.all():
-                sub.delete_subscription(subscription=broker.subscription_path(f"{t}-sub"),
-                                        timeout=5)
-                pub.delete_topic(topic=broker.topic_path(t), timeout=5)
+        broker.delete_topics(topics.all())
     except Exception:  # noqa: BLE001 - cleanup must never fail a benchmark
         pass
     finally:

@@ -274,7 +274,7 @@ def send_cmd(
 ) -> None:
     """Publish images as requests; with --wait, print each answer (exit 4 on timeout)."""
     from fmnist import client, console
-    from fmnist.brokers.base import connect
+    from fmnist.brokers import connect
 
     cfg = load_config(config, serve__broker=broker, kafka__bootstrap_servers=bootstrap_servers)
     outgoing = client.read_images(images or [])
@@ -324,7 +324,7 @@ def listen_cmd(
 ) -> None:
     """Print predictions as they arrive (JSON lines with --json). Ctrl+C stops."""
     from fmnist import client, console
-    from fmnist.brokers.base import connect
+    from fmnist.brokers import connect
 
     cfg = load_config(config, serve__broker=broker, kafka__bootstrap_servers=bootstrap_servers)
     b = connect(cfg.serve.broker, cfg)
@@ -361,7 +361,7 @@ def dlq_cmd(
 ) -> None:
     """Show the dead-letter topic: rejected requests, why, and where they came from."""
     from fmnist import client, console
-    from fmnist.brokers.base import connect
+    from fmnist.brokers import connect
 
     cfg = load_config(config, serve__broker=broker)
     b = connect(cfg.serve.broker, cfg)

@@ -144,15 +144,13 @@ def listen(broker: Broker, cfg: Config, count: int | None = None, timeout_s: flo
     """Yield responses as they arrive, de-duplicated by request id.
 
     Default: only answers published from now on. ``from_beginning``: Kafka replays what the
-    topic retains; Pub/Sub drains the shared ``res_predict-sub`` backlog (what the previous
-    system's listener read) and acknowledges what it shows.
+    topic retains; Pub/Sub drains the shared ``res_predict-sub`` backlog (what the
+    ML_as_a_Service scripts' listener read) and acknowledges what it shows.
     """
     if cfg.broker.create_topics:
         broker.ensure_topics([cfg.broker.response_topic])
-    shared = from_beginning and broker.name == "pubsub"
-    reader = broker.consumer(cfg.broker.response_topic,
-                             group=cfg.pubsub.response_subscription if shared else None,
-                             from_beginning=from_beginning)
+    topic = cfg.broker.response_topic
+    reader = broker.retained_reader(topic) if from_beginning else broker.consumer(topic)
     if on_ready:
         on_ready()  # the reader is open: answers published from now on will be seen
     seen: set[str] = set()
@@ -174,8 +172,8 @@ def listen(broker: Broker, cfg: Config, count: int | None = None, timeout_s: flo
                 yield body
                 if count is not None and shown >= count:
                     break
-            if shared and batch:
-                reader.commit(batch)
+            if from_beginning and batch:
+                reader.commit(batch)  # shown: handled, where the broker holds it for us
     finally:
         reader.close()
 
@@ -185,8 +183,7 @@ def dead_letters(broker: Broker, cfg: Config, count: int | None, timeout_s: floa
     """What is in the dead-letter topic: why each request was rejected, with its origin."""
     if cfg.broker.create_topics:
         broker.ensure_topics([cfg.broker.dlq_topic])
-    group = None if broker.name == "kafka" else cfg.pubsub.dlq_subscription
-    reader = broker.consumer(cfg.broker.dlq_topic, group=group, from_beginning=True)
+    reader = broker.retained_reader(cfg.broker.dlq_topic)
     held: list[Message] = []
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s

@@ -330,8 +330,11 @@ def load(config_file: str | Path | None = None,
 
 def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
     """Range and choice checks that a type alone cannot express; the error names the source."""
+    from fmnist.brokers import SUPPORTED
+
     checks = [
-        ("serve.broker", cfg.serve.broker in ("kafka", "pubsub"), "must be `kafka` or `pubsub`"),
+        ("serve.broker", cfg.serve.broker in SUPPORTED,
+         f"must be one of: {', '.join(f'`{name}`' for name in SUPPORTED)}"),
         ("serve.max_batch_size", cfg.serve.max_batch_size >= 1, "must be at least 1"),
         ("serve.max_wait_ms", cfg.serve.max_wait_ms >= 0, "must be 0 or more"),
         ("serve.commit_every_ms", cfg.serve.commit_every_ms >= 0, "must be 0 or more"),

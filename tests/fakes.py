@@ -19,6 +19,7 @@ class MemoryBroker:
     """Topics are lists; a group is a committed offset per topic (one partition)."""
 
     name: str = "memory"
+    address: str = "memory"
     topics: dict[str, list[OutMessage]] = field(default_factory=dict)
     committed: dict[tuple[str, str], int] = field(default_factory=dict)
     fail_publishes: int = 0  # the next N sends fail: their wait() raises BrokerError
@@ -39,6 +40,16 @@ class MemoryBroker:
 
     def producer(self) -> MemoryProducer:
         return MemoryProducer(self)
+
+    def worker_group(self) -> str:
+        return "workers"
+
+    def retained_reader(self, topic: str) -> MemoryConsumer:
+        return self.consumer(topic, from_beginning=True)
+
+    def delete_topics(self, topics: list[str]) -> None:
+        for topic in topics:
+            self.topics.pop(topic, None)
 
     def close(self) -> None: ...
 

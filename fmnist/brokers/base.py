@@ -7,14 +7,14 @@ calls (``send`` returns a ``Confirmation``) so that a worker can fetch and predi
 while the broker confirms the last one. Everything vendor-specific (Kafka
 partitions and offsets, Pub/Sub ack ids and flow control) stays inside the adapter modules;
 the vendor's message type never leaves them.
+
+Only types live here; ``fmnist.brokers`` maps a broker's name to its adapter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-SUPPORTED = ("kafka", "pubsub")
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ class Consumer(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class LagReporting(Protocol):
+    """A consumer that knows how far behind the end of its topic it reads (Kafka's)."""
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages behind the end, per (topic, partition) it reads now; call it from the
+        thread that reads."""
+
+
 class Confirmation(Protocol):
     def wait(self) -> None:
         """Block until the broker has confirmed every message of the ``send`` that made this
@@ -72,6 +81,7 @@ class Producer(Protocol):
 
 class Broker(Protocol):
     name: str
+    address: str  # where it is, as the user configured it (for messages and benchmarks)
 
     def check(self, timeout_s: float) -> None:
         """Raise BrokerError (naming the address and how to start it) if unreachable."""
@@ -94,19 +104,15 @@ class Broker(Protocol):
 
     def producer(self) -> Producer: ...
 
+    def worker_group(self) -> str:
+        """The ``group`` the workers of the request topic share (from the config)."""
+
+    def retained_reader(self, topic: str) -> Consumer:
+        """A reader of what ``topic`` holds from before it was opened. ``commit`` marks what
+        was shown as handled where the broker keeps it for one reader only (Pub/Sub's shared
+        subscription); ``redeliver`` leaves it for the next reader."""
+
+    def delete_topics(self, topics: list[str]) -> None:
+        """Delete these topics (and subscriptions made for them); missing ones are fine."""
+
     def close(self) -> None: ...
-
-
-def connect(name: str, cfg: Any) -> Broker:
-    """The broker named ``name`` (``kafka`` or ``pubsub``), configured from the shared Config."""
-    if name == "kafka":
-        from fmnist.brokers.kafka import KafkaBroker
-
-        return KafkaBroker(cfg)
-    if name == "pubsub":
-        from fmnist.brokers.pubsub import PubsubBroker
-
-        return PubsubBroker(cfg)
-    from fmnist.errors import ConfigError
-
-    raise ConfigError(f"Unknown broker {name!r}.", f"Use one of: {', '.join(SUPPORTED)}.")

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,12 +28,18 @@ from prometheus_client import (
     generate_latest,
 )
 
+from fmnist.brokers import Broker, Consumer, LagReporting, Message, Producer
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
 LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: see its lag())
 
 log = logging.getLogger("fmnist.serving.metrics")
+
+if TYPE_CHECKING:
+    from fmnist.serving.handler import BatchResult
+    from fmnist.serving.worker import Worker
 
 
 class Metrics:
@@ -64,15 +70,17 @@ class Metrics:
         self.reloads = Counter("fmnist_model_reloads", "Hot reloads, by result.", ["result"],
                                registry=r)
         self.last_beat = 0.0  # monotonic time the serve loop last polled or dialled the broker
+        self.model: dict[str, str] = {}  # what /status names: the model serving now
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
     def set_model(self, name: str, version: str) -> None:
+        self.model = {"name": name, "version": version}
         self.model_info.clear()
         self.model_info.labels(name=name, version=version).set(1)
 
-    def observe(self, messages: list[Any], result: Any) -> None:
+    def observe(self, messages: list[Message], result: BatchResult) -> None:
         """A Worker observer: called once per confirmed batch. Counters move once per batch,
         histograms once per request (per-request label lookups were 10 us a request)."""
         now = time.time()
@@ -102,7 +110,7 @@ class Metrics:
             self.lag.labels(topic=topic, partition=str(partition)).set(value)
 
 
-def _sent_at_s(message: Any) -> float | None:
+def _sent_at_s(message: Message) -> float | None:
     try:
         return int(message.headers["sent_at"]) / 1000
     except (KeyError, ValueError):
@@ -116,10 +124,11 @@ class InstrumentedBroker:
     scrape never touches a client: it reads gauges the loop keeps current.
     """
 
-    def __init__(self, broker: Any, metrics: Metrics) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics) -> None:
         self.broker = broker
         self.metrics = metrics
         self.name = broker.name
+        self.address = broker.address
 
     def check(self, timeout_s: float) -> None:
         self.metrics.beat()  # the loop is alive while it (re)connects, each step bounded
@@ -135,8 +144,17 @@ class InstrumentedBroker:
         return InstrumentedConsumer(self.broker.consumer(topic, group, from_beginning,
                                                          max_in_flight), self.metrics)
 
-    def producer(self) -> Any:
+    def producer(self) -> Producer:
         return self.broker.producer()
+
+    def worker_group(self) -> str:
+        return self.broker.worker_group()
+
+    def retained_reader(self, topic: str) -> Consumer:
+        return self.broker.retained_reader(topic)
+
+    def delete_topics(self, topics: list[str]) -> None:
+        self.broker.delete_topics(topics)
 
     def close(self) -> None:
         self.broker.close()
@@ -144,28 +162,28 @@ class InstrumentedBroker:
 
 class InstrumentedConsumer:
     """Feeds ``fmnist_in_flight_requests`` (received, not yet committed or handed back), the
-    health heartbeat, and ``fmnist_kafka_consumer_lag`` when the consumer offers ``lag()``."""
+    health heartbeat, and ``fmnist_kafka_consumer_lag`` when the consumer is ``LagReporting``."""
 
-    def __init__(self, consumer: Any, metrics: Metrics) -> None:
+    def __init__(self, consumer: Consumer, metrics: Metrics) -> None:
         self.consumer = consumer
         self.metrics = metrics
         self.held = 0
         self._lag_at = 0.0
 
-    def next_batch(self, max_messages: int, timeout_s: float) -> list[Any]:
+    def next_batch(self, max_messages: int, timeout_s: float) -> list[Message]:
         self.metrics.beat()
-        messages: list[Any] = self.consumer.next_batch(max_messages, timeout_s)
+        messages = self.consumer.next_batch(max_messages, timeout_s)
         self._hold(len(messages))
         self._refresh_lag()
         return messages
 
-    def commit(self, messages: list[Any]) -> None:
+    def commit(self, messages: list[Message]) -> None:
         try:
             self.consumer.commit(messages)
         finally:  # committed, or (on failure) to be delivered again: no longer ours either way
             self._hold(-len(messages))
 
-    def redeliver(self, messages: list[Any]) -> None:
+    def redeliver(self, messages: list[Message]) -> None:
         try:
             self.consumer.redeliver(messages)
         finally:
@@ -176,21 +194,17 @@ class InstrumentedConsumer:
         self.metrics.lag.clear()
         self.consumer.close()
 
-    def __getattr__(self, name: str) -> Any:  # anything else the adapter offers (assigned, lag)
-        return getattr(self.consumer, name)
-
     def _hold(self, n: int) -> None:
         self.held += n
         self.metrics.in_flight.inc(n)
 
     def _refresh_lag(self) -> None:
-        lag = getattr(self.consumer, "lag", None)
         now = time.monotonic()
-        if lag is None or now - self._lag_at < LAG_EVERY_S:
+        if not isinstance(self.consumer, LagReporting) or now - self._lag_at < LAG_EVERY_S:
             return
         self._lag_at = now
         try:
-            known = lag()
+            known = self.consumer.lag()
         except Exception as exc:  # a metric must never stop the serving
             log.debug("consumer lag unavailable: %s", exc)
             return
@@ -202,7 +216,7 @@ class InstrumentedConsumer:
 class HealthServer:
     """Serves /metrics, /healthz, /readyz and /status for one worker, in a daemon thread."""
 
-    def __init__(self, port: int, worker: Any, metrics: Metrics, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, worker: Worker, metrics: Metrics, host: str = "0.0.0.0") -> None:
         self.worker = worker
         self.metrics = metrics
         server = self
@@ -245,8 +259,7 @@ class HealthServer:
         return {
             "worker_id": self.worker.worker_id, "broker": self.metrics.broker,
             "broker_state": s.broker_state, "alive": self.alive(), "ready": self.ready(),
-            "model": {"name": self.worker.predictor.name,
-                      "version": self.worker.predictor.version},
+            "model": self.metrics.model,
             "processed": s.processed, "ok": s.ok, "errors": s.errors, "batches": s.batches,
             "rate_per_s": round(s.rate(), 2), "error_codes": s.error_codes,
             "latency_ms": {"p50": s.latency_ms(50), "p99": s.latency_ms(99)},

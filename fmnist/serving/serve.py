@@ -13,11 +13,12 @@ from pathlib import Path
 from types import FrameType
 
 from fmnist import logs
-from fmnist.brokers.base import connect
+from fmnist.brokers import connect
 from fmnist.config import Config
+from fmnist.serving.handler import PredictionHandler
 from fmnist.serving.metrics import HealthServer, InstrumentedBroker, Metrics
 from fmnist.serving.reload import Reloader
-from fmnist.serving.worker import Worker, default_worker_id, group_for
+from fmnist.serving.worker import Worker, default_worker_id
 
 log = logging.getLogger("fmnist.serving.serve")
 
@@ -50,8 +51,8 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     broker = connect(cfg.serve.broker, cfg)
     metrics = Metrics(cfg.serve.broker)
     metrics.set_model(predictor.name, predictor.version)
-    worker = Worker(cfg, InstrumentedBroker(broker, metrics), predictor,
-                    group_for(cfg.serve.broker, cfg), worker_id, freeze_heap=True)
+    handler = PredictionHandler(cfg, predictor, worker_id)
+    worker = Worker(cfg, InstrumentedBroker(broker, metrics), handler, freeze_heap=True)
     install_signal_handlers(worker)
     worker.observers.append(metrics.observe)
     health = None
@@ -61,7 +62,7 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
                  health.port)
 
     def swap(new: Predictor) -> None:
-        worker.predictor = new  # the loop reads it once per batch
+        handler.predictor = new  # the loop reads it once per batch
         metrics.set_model(new.name, new.version)
 
     reloader = Reloader(cfg.weights_path, load, swap, watch=reload,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from fmnist import config
-from fmnist.brokers.base import Broker, connect
+from fmnist.brokers import Broker, connect
 
 
 def unique(prefix: str) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmnist.brokers.base import Message, OutMessage, connect
+from fmnist.brokers import Message, OutMessage, connect
 from fmnist.client import decode_response
 from fmnist.errors import BrokerError
 from fmnist.serving import protocol

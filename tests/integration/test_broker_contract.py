@@ -107,7 +107,7 @@ def test_next_batch_hands_out_what_arrived_without_waiting_for_a_full_batch(
 def test_unreachable_broker_fails_fast_with_the_address(broker_name: str, cfg) -> None:
     import dataclasses
 
-    from fmnist.brokers.base import connect
+    from fmnist.brokers import connect
 
     if broker_name == "kafka":
         bad = dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fmnist.brokers.base import OutMessage, connect
+from fmnist.brokers import OutMessage, connect
 from tests.helpers import poll_until
 from tests.integration.conftest import ROOT, Topics
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fmnist.brokers.base import OutMessage, connect
+from fmnist.brokers import OutMessage, connect
 from tests.integration.conftest import FMNIST, ROOT, Topics
 
 pytestmark = pytest.mark.slow

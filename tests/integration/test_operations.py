@@ -33,7 +33,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from fmnist import config
-from fmnist.brokers.base import Message, OutMessage, connect
+from fmnist.brokers import Message, OutMessage, connect
 from fmnist.model import artifacts
 from fmnist.model.network import CLASS_NAMES
 from fmnist.serving import protocol

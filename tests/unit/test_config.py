@@ -274,7 +274,7 @@ def test_project_root_is_fmnist_home_or_the_source_tree(clean_env: pytest.Monkey
 
 
 @pytest.mark.parametrize(("key", "bad", "fragment"), [
-    ("serve.broker", "redis", "must be `kafka` or `pubsub`"),
+    ("serve.broker", "redis", "must be one of: `kafka`, `pubsub`"),
     ("serve.max_batch_size", 0, "must be at least 1"),
     ("serve.max_wait_ms", -1.0, "must be 0 or more"),
     ("serve.log_format", "xml", "must be `text` or `json`"),

@@ -16,6 +16,7 @@ from PIL import Image
 from fmnist import config
 from fmnist.brokers.base import OutMessage
 from fmnist.errors import BrokerError
+from fmnist.serving.handler import PredictionHandler
 from fmnist.serving.worker import Worker
 from tests.fakes import BrightnessPredictor, MemoryBroker
 
@@ -43,7 +44,8 @@ def with_commit_every(cfg: config.Config, ms: float) -> config.Config:
 def make_worker(cfg: config.Config, predictor: BrightnessPredictor | None = None):
     broker = MemoryBroker()
     broker.ensure_topics([REQ, RES, DLQ])
-    worker = Worker(cfg, broker, predictor or BrightnessPredictor(), group="g", worker_id="w1")
+    handler = PredictionHandler(cfg, predictor or BrightnessPredictor(), worker_id="w1")
+    worker = Worker(cfg, broker, handler, group="g")
     return worker, broker, broker.consumer(REQ, group="g"), broker.producer()
 
 
@@ -381,13 +383,14 @@ def test_the_heap_is_frozen_at_start_and_a_model_swapped_out_is_still_collected(
     old = BrightnessPredictor()
     old.itself = old  # a reference cycle, as a Keras model has: only the cyclic GC frees it
     gone = weakref.ref(old)
-    worker = Worker(cfg, broker, old, group="g", worker_id="w1", freeze_heap=True)
+    handler = PredictionHandler(cfg, old, worker_id="w1")
+    worker = Worker(cfg, broker, handler, group="g", freeze_heap=True)
     consumer, producer = broker.consumer(REQ, group="g"), broker.producer()
     gc.unfreeze()
     try:
         worker.serve_once(consumer, producer)
         assert gc.get_freeze_count() > 0  # the model is out of the collector's scans
-        worker.predictor = BrightnessPredictor()  # a hot reload swaps the model
+        handler.predictor = BrightnessPredictor()  # a hot reload swaps the model
         del old
         worker.serve_once(consumer, producer)
         assert gone() is None  # unfrozen, collected, and the heap frozen again

@@ -1,0 +1,236 @@
+"""The Kafka broker: its admin client (topics, metadata, offsets), its one shared producer, and
+the Broker interface over them."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from contextlib import AbstractContextManager
+from typing import Any
+
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+
+from fmnist.brokers.base import Consumer
+from fmnist.brokers.kafka import errors, settings
+from fmnist.brokers.kafka.consumer import KafkaTopicConsumer
+from fmnist.brokers.kafka.producer import KafkaTopicProducer
+from fmnist.config import Config
+from fmnist.errors import BrokerError, BrokerTimeout
+
+log = logging.getLogger("fmnist.brokers.kafka")
+
+
+class KafkaBroker:
+    name = "kafka"
+
+    def __init__(self, cfg: Config) -> None:
+        settings.check(cfg.kafka)
+        self.cfg = cfg
+        self.address = cfg.kafka.bootstrap_servers
+        self.timeout_ms = max(1000, int(cfg.broker.connect_timeout_s * 1000))
+        self._lock = threading.Lock()
+        self._admin: Any = None
+        self._producer: Any = None
+        self._consumers: list[KafkaTopicConsumer] = []
+
+    # -- clients and errors ------------------------------------------------------------------
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by admin, producer and consumers (from ``kafka.*``)."""
+        return settings.client_config(self.cfg, self.timeout_ms, errors.client_error)
+
+    def error(self, what: str, exc: BaseException) -> BrokerError:
+        return errors.translate(self.address, what, exc)
+
+    def unreachable(self, detail: str) -> BrokerError:
+        return errors.unreachable(self.address, detail)
+
+    def translated(self, what: str) -> AbstractContextManager[None]:
+        return errors.translated(self.address, what)
+
+    def admin(self) -> Any:
+        """The one AdminClient (topics, metadata, offsets), created on first use."""
+        with self._lock:
+            if self._admin is None:
+                with self.translated("connect"):
+                    self._admin = AdminClient(self.client_config())
+            return self._admin
+
+    def shared_producer(self) -> Any:
+        """The one Producer (thread-safe), idempotent with acks=all."""
+        k = self.cfg.kafka
+        with self._lock:
+            if self._producer is None:
+                with self.translated("connect a producer"):
+                    self._producer = Producer({**self.client_config(),
+                                               **settings.producer_config(k, self.timeout_ms)})
+            return self._producer
+
+    def discard_producer(self, producer: Any) -> None:
+        """Forget a producer whose sends were not confirmed; the next send makes a new one.
+
+        An idempotent producer that lost messages can be left in a fatal state (its sequence
+        numbers no longer line up); starting over is always safe: the caller sends again
+        what failed (the worker redelivers the batch). What the old one still holds is purged.
+        """
+        with self._lock:
+            if self._producer is producer:
+                self._producer = None
+        producer.purge()
+        producer.poll(0)  # the purged messages' reports go to their (finished) confirmations
+
+    def metadata(self) -> Any:
+        """The cluster's metadata, every topic (asking for one by name could create it where
+        a broker allows auto-creation)."""
+        with self.translated("list topics"):
+            return self.admin().list_topics(timeout=self.timeout_ms / 1000)
+
+    def partitions(self, topic: str) -> list[int]:
+        """The partition ids of ``topic``; BrokerError when it does not exist."""
+        found = self.metadata().topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise BrokerError(f"Kafka topic {topic} does not exist at {self.address}.",
+                              "Create it first (`broker.create_topics: true` does that on start).")
+        return sorted(found.partitions)
+
+    def group_lag(self, group: str, topic: str) -> dict[int, int]:
+        """Per partition of ``topic``, how many messages ``group`` has not committed: the end
+        offset minus the committed one (from the first retained message where the group has
+        no commit). Asked of the broker, so it covers every member of the group."""
+        tps = [TopicPartition(topic, p) for p in self.partitions(topic)]
+        admin, timeout_s = self.admin(), self.timeout_ms / 1000
+        with self.translated(f"read the offsets of group {group} on {topic}"):
+            (done,) = admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group, tps)],
+                request_timeout=timeout_s).values()
+            committed = {tp.partition: tp.offset for tp in done.result().topic_partitions}
+            ends = {tp.partition: f.result().offset for tp, f in admin.list_offsets(
+                {tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout_s).items()}
+            starts = {tp.partition: f.result().offset for tp, f in admin.list_offsets(
+                {tp: OffsetSpec.earliest() for tp in tps}, request_timeout=timeout_s).items()}
+        lag = {}
+        for p in (tp.partition for tp in tps):
+            done_at = committed.get(p, -1)
+            lag[p] = max(0, ends[p] - (done_at if done_at >= 0 else starts[p]))
+        return lag
+
+    def delete_topics(self, topics: list[str]) -> None:
+        """Delete these topics (missing ones are fine)."""
+        futures = self.admin().delete_topics(topics, operation_timeout=self.timeout_ms / 1000)
+        for topic, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if errors.code_of(exc) not in errors.NO_TOPIC:
+                    raise self.error(f"delete topic {topic}", exc) from None
+
+    # -- the Broker interface ----------------------------------------------------------------
+
+    def check(self, timeout_s: float) -> None:
+        """Bounded by ``timeout_s``: a plain TCP connect to the bootstrap servers first (fails at
+        once, without librdkafka's retries, when nothing listens), then one topic listing."""
+        deadline = time.monotonic() + timeout_s
+        self._probe(deadline)
+        with self.translated("list topics"):
+            self.admin().list_topics(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _probe(self, deadline: float) -> None:
+        failures = []
+        for server in self.client_config()["bootstrap.servers"].split(","):
+            host, sep, port = server.rpartition(":")
+            host, port = (host, port) if sep else (server, "9092")
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)),
+                                              timeout=max(0.1, deadline - time.monotonic())):
+                    return
+            except (OSError, ValueError) as exc:
+                failures.append(f"{server}: {getattr(exc, 'strerror', None) or exc}")
+        raise self.unreachable("; ".join(failures))
+
+    def ensure_topics(self, topics: list[str]) -> None:
+        """Create the missing topics (``kafka.partitions`` x ``kafka.replication_factor``)."""
+        k = self.cfg.kafka
+        existing = self.metadata().topics
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        if not missing:
+            return
+        new = [NewTopic(t, num_partitions=k.partitions, replication_factor=k.replication_factor,
+                        config={"message.timestamp.type": "LogAppendTime"}) for t in missing]
+        with self.translated(f"create topics {', '.join(missing)}"):
+            futures = self.admin().create_topics(new, operation_timeout=self.timeout_ms / 1000,
+                                                 request_timeout=self.timeout_ms / 1000)
+        for topic, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if errors.code_of(exc) == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                if errors.code_of(exc) in errors.UNREACHABLE | errors.TIMEOUTS | errors.REFUSED:
+                    raise self.error(f"create topic {topic}", exc) from None
+                raise BrokerError(f"Kafka at {self.address} could not create topic {topic}: "
+                                  f"{errors.reason_of(exc)}",
+                                  "Check the name ([a-zA-Z0-9._-], at most 249 characters), "
+                                  "`kafka.partitions` and `kafka.replication_factor`.") from None
+            log.info("created Kafka topic %s (%d partitions)", topic, k.partitions)
+        self._wait_for_topics(missing)
+
+    def _wait_for_topics(self, topics: list[str]) -> None:
+        """Until the metadata shows each topic with a leader for every partition: a consumer
+        made sooner would find no partitions."""
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            known = self.metadata().topics
+            waiting = [t for t in topics if t not in known or known[t].error is not None
+                       or any(p.leader < 0 for p in known[t].partitions.values())
+                       or not known[t].partitions]
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                raise BrokerTimeout(f"Kafka at {self.address} did not show the new topics "
+                                    f"{', '.join(waiting)} within {self.timeout_ms / 1000:g} s.",
+                                    "Is the broker overloaded? Try again.")
+            time.sleep(0.05)  # start-up only, never on a request's path
+
+    def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
+                 max_in_flight: int = 1000) -> KafkaTopicConsumer:
+        """A group member of ``group``, or a private reader of all partitions (``group`` None).
+
+        ``max_in_flight`` caps how many records one ``next_batch`` hands out; Kafka has no
+        per-message lease to bound beyond that. ``from_beginning`` only matters for a private
+        reader (a new group always starts at the earliest message).
+        """
+        partitions = self.partitions(topic)
+        consumer = KafkaTopicConsumer(self, topic, group, from_beginning, partitions,
+                                      max(1, max_in_flight))
+        with self._lock:
+            self._consumers = [c for c in self._consumers if not c.closed] + [consumer]
+        return consumer
+
+    def worker_group(self) -> str:
+        """Workers share the consumer group ``kafka.group_id``."""
+        return self.cfg.kafka.group_id
+
+    def retained_reader(self, topic: str) -> Consumer:
+        """Kafka keeps its log: a private reader from the first retained message; it takes
+        nothing away from anyone, and its commits do nothing."""
+        return self.consumer(topic, group=None, from_beginning=True)
+
+    def producer(self) -> KafkaTopicProducer:
+        return KafkaTopicProducer(self)
+
+    def close(self) -> None:
+        """Close every consumer made here, then flush the shared producer."""
+        with self._lock:
+            consumers, self._consumers = self._consumers, []
+            producer, self._producer = self._producer, None
+            self._admin = None  # nothing to close: it goes with its last reference
+        for consumer in consumers:
+            consumer.close()
+        if producer is not None:
+            left = producer.flush(settings.CLOSE_TIMEOUT_S)  # sends what is still lingering
+            if left:
+                log.warning("Kafka producer closed with %d message(s) unconfirmed", left)
+

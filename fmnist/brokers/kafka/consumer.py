@@ -1,0 +1,220 @@
+"""A Kafka consumer: a member of a consumer group that commits by hand, or a private reader of
+every partition."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from fmnist.brokers.base import Message
+from fmnist.brokers.kafka import errors, settings
+
+if TYPE_CHECKING:
+    from fmnist.brokers.kafka.broker import KafkaBroker
+
+log = logging.getLogger("fmnist.brokers.kafka")
+
+
+def _names(partitions: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}/{tp.partition}"
+                     for tp in sorted(partitions, key=lambda tp: (tp.topic, tp.partition)))
+
+
+class KafkaTopicConsumer:
+    """A consumer-group member, or a private reader of every partition (``group`` None)."""
+
+    def __init__(self, broker: KafkaBroker, topic: str, group: str | None, from_beginning: bool,
+                 partitions: list[int], max_records: int) -> None:
+        self.broker, self.topic, self.group = broker, topic, group
+        self.closed = False
+        self._max_records = max_records
+        self._starts: dict[int, int] = {}  # partition -> committed offset, until one is read
+        self._consumer: Any = None
+        try:
+            self._consumer = self._connect()
+            if group is None:
+                self._start_reader(partitions, from_beginning)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> Any:
+        k = self.broker.cfg.kafka
+        with self.broker.translated(f"start a consumer of {self.topic}"):
+            consumer = Consumer({**self.broker.client_config(),
+                                 **settings.consumer_config(k, self.group)})
+            if self.group is not None:
+                try:
+                    consumer.subscribe([self.topic], on_assign=self._assigned,
+                                       on_revoke=self._revoked)
+                except BaseException:
+                    consumer.close()
+                    raise
+        return consumer
+
+    def _assigned(self, _consumer: Any, partitions: list[Any]) -> None:
+        self._starts.clear()  # see ``lag``
+        log.info("group %s: partitions assigned: %s", self.group, _names(partitions) or "none")
+
+    def _revoked(self, _consumer: Any, partitions: list[Any]) -> None:
+        if partitions:
+            log.info("group %s: partitions revoked: %s", self.group, _names(partitions))
+
+    def _start_reader(self, partitions: list[int], from_beginning: bool) -> None:
+        """Assign every partition at offsets resolved now, not lazily at the first fetch:
+        a message published right after this returns must be seen."""
+        deadline = time.monotonic() + self.broker.timeout_ms / 1000
+        tps = []
+        with self.broker.translated(f"find the offsets of {self.topic}"):
+            for p in partitions:
+                low, high = self._watermarks(TopicPartition(self.topic, p), deadline)
+                tps.append(TopicPartition(self.topic, p, low if from_beginning else high))
+        self._consumer.assign(tps)
+
+    def _watermarks(self, tp: Any, deadline: float) -> tuple[int, int]:
+        """A partition's first and next offsets. Retried while this client's metadata is
+        behind the cluster's: a topic created a moment ago may have no leader it knows of."""
+        while True:
+            try:
+                return self._consumer.get_watermark_offsets(
+                    tp, timeout=max(0.1, deadline - time.monotonic()), cached=False)
+            except KafkaException as exc:
+                err = errors.error_of(exc)
+                settling = err is not None and (err.retriable() or err.code() in errors.SETTLING)
+                if not settling or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)  # start-up only, never on a request's path
+
+    def next_batch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """What has arrived (up to ``max_messages``), waiting up to ``timeout_s`` for any.
+
+        ``consume(n, timeout)`` waits until it has all ``n`` or the timeout passes, so it is
+        only ever asked for what is already fetched (timeout 0); the wait for the first
+        message is a ``poll``, which returns as soon as one arrives.
+        """
+        limit = max(1, min(max_messages, self._max_records))
+        with self.broker.translated(f"read {self.topic}"):
+            records = self._consumer.consume(limit, 0)
+            if not records and timeout_s > 0:
+                first = self._consumer.poll(timeout_s)
+                if first is not None:
+                    records = [first]
+                    if limit > 1:
+                        records += self._consumer.consume(limit - 1, 0)
+        now = time.time()
+        out = []
+        for r in records:
+            if (err := r.error()) is not None:
+                self._fetch_error(err)
+                continue
+            out.append(self._message(r, now))
+        return out
+
+    def _fetch_error(self, err: KafkaError) -> None:
+        """An error delivered in place of a message: fatal ones end this consumer (the worker
+        makes a new one); the rest librdkafka retries on its own."""
+        if err.fatal() or err.code() in errors.NO_TOPIC:
+            raise self.broker.error(f"read {self.topic}", KafkaException(err))
+        log.warning("Kafka consumer of %s: %s: %s", self.topic, err.name(), err.str())
+
+    def _message(self, r: Any, now: float) -> Message:
+        headers = {name: (value or b"").decode("utf-8", "replace")
+                   for name, value in r.headers() or ()}
+        key, (_, stamp), partition, offset = r.key(), r.timestamp(), r.partition(), r.offset()
+        epoch = r.leader_epoch()
+        return Message(
+            value=r.value() or b"", headers=headers,
+            key=None if key is None else key.decode("utf-8", "replace"), topic=self.topic,
+            source_id=f"{self.topic}/{partition}/{offset}",
+            broker_time_ms=stamp if stamp >= 0 else None, received_at=now,
+            handle=(partition, offset, -1 if epoch is None else epoch))
+
+    def assigned(self) -> set[int]:
+        """The partitions this consumer reads now (a group member's change with rebalances)."""
+        return {tp.partition for tp in self._consumer.assignment()}
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages behind the end of each assigned partition: the last known high watermark
+        minus our position. librdkafka knows a position only once a message of the partition
+        has been read; before that it is where the group's commit left off (asked of the
+        broker once per assignment, the only round trip here) or, with no commit, the first
+        retained message. Partitions whose end is not known yet are left out. Call it from
+        the thread that reads."""
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return {}
+        positions = self._consumer.position(assignment)
+        unread = [tp for tp in positions if tp.offset < 0 and tp.partition not in self._starts]
+        if unread:
+            with self.broker.translated(f"read the committed offsets of group {self.group}"):
+                for tp in self._consumer.committed(unread, timeout=self.broker.timeout_ms / 1000):
+                    self._starts[tp.partition] = tp.offset
+        lag = {}
+        for tp in positions:
+            low, end = self._consumer.get_watermark_offsets(tp, cached=True)
+            position = tp.offset if tp.offset >= 0 else self._starts.get(tp.partition, -1)
+            position = position if position >= 0 else low
+            if end >= 0 and position >= 0:
+                lag[(tp.topic, tp.partition)] = max(0, end - position)
+        return lag
+
+    def _owned(self, messages: list[Message]) -> dict[int, list[tuple[int, int]]]:
+        """(offset, leader epoch) of the messages per partition still assigned to us; those of
+        partitions a rebalance took away are logged and left to their new owner."""
+        by_partition: dict[int, list[tuple[int, int]]] = {}
+        for m in messages:
+            partition, offset, epoch = m.handle
+            by_partition.setdefault(partition, []).append((offset, epoch))
+        owned = self.assigned()
+        if lost := sorted(p for p in by_partition if p not in owned):
+            log.warning("group %s no longer owns %s; its new owner delivers those messages "
+                        "again", self.group, ", ".join(f"{self.topic}/{p}" for p in lost))
+        return {p: v for p, v in by_partition.items() if p in owned}
+
+    def commit(self, messages: list[Message]) -> None:
+        """Commit, synchronously, the offset after the highest given per partition."""
+        if self.group is None or not messages:
+            return  # a private reader keeps no position on the broker
+        offsets = []
+        for partition, seen in self._owned(messages).items():
+            offset, epoch = max(seen)
+            offsets.append(TopicPartition(self.topic, partition, offset + 1, leader_epoch=epoch))
+        if not offsets:
+            return
+        try:
+            done = self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            if errors.code_of(exc) in errors.REBALANCED:
+                log.warning("group %s rebalanced, commit refused (%s); the partitions' new "
+                            "owner delivers those messages again", self.group, errors.reason_of(exc))
+                return
+            raise self.broker.error(f"commit offsets of group {self.group}", exc) from None
+        refused = [tp for tp in done or () if tp.error is not None]
+        if refused:
+            log.warning("group %s: commit refused for %s (%s); their owner delivers those "
+                        "messages again", self.group, _names(refused), refused[0].error.str())
+
+    def redeliver(self, messages: list[Message]) -> None:
+        """Seek each partition back to the lowest offset given: they are fetched again.
+
+        A private reader does nothing: reading took nothing away from anyone.
+        """
+        if self.group is None or not messages:
+            return
+        for partition, seen in self._owned(messages).items():
+            with self.broker.translated(f"seek {self.topic}/{partition}"):
+                self._consumer.seek(TopicPartition(self.topic, partition, min(seen)[0]))
+
+    def close(self) -> None:
+        """Leave the group (its partitions move on at once) and close the connections."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._consumer is not None:  # None: the constructor failed before connecting
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("Kafka consumer of %s did not close cleanly: %s", self.topic, exc)

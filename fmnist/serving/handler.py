@@ -1,0 +1,208 @@
+"""The pure part of a worker: a batch of request messages in, the messages to publish out.
+
+No broker here, so it is unit-testable on its own. Every request gets exactly one answer: a
+prediction, or an error response plus a dead-letter record. A bad request never takes the
+batch down or holds up the others in it (the Ray Serve rule: a batch returns as many results
+as it got inputs), and a model that fails answers every request of its batch with an error.
+
+A batch is handled in two steps so that the pipeline can overlap them with broker work:
+``prepare`` parses and decodes the batch and dispatches its forward pass (JAX runs it on
+XLA's threads); ``Prepared.finish`` waits for the pass and builds the answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fmnist import imaging
+from fmnist.brokers import Message, OutMessage
+from fmnist.config import Config
+from fmnist.errors import ImageError
+from fmnist.model.predictor import Prediction
+from fmnist.serving import oip, protocol
+
+log = logging.getLogger("fmnist.serving.handler")
+_PROTOCOL_HEADERS = (protocol.REQUEST_ID, protocol.CONTENT_TYPE, protocol.SENT_AT,
+                     protocol.REPLY_TO, protocol.TRACEPARENT)
+
+
+class BatchPredictor(Protocol):
+    """What the handler needs of a model (``model.predictor.Predictor``, or a test double)."""
+
+    name: str
+    version: str
+
+    def start(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        """Dispatch the forward pass of ``pixels`` [n, 28, 28]; the result returns [n, 10]
+        probabilities when the pass is done."""
+
+    def describe_many(self, probs: np.ndarray) -> Sequence[Prediction]:
+        """One ranked prediction per row of ``probs``."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one micro-batch produced: messages to publish and, per request, its outcome."""
+
+    out: list[OutMessage]
+    outcomes: list[str]  # "ok" or an error code, one per request in order
+    inference_ms: float
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded with its forward pass dispatched; ``finish`` waits for the pass and
+    builds the answers."""
+
+    messages: list[Message]
+    finish: Callable[[], BatchResult]
+    model: object  # what it runs on (a hot reload may swap the handler's meanwhile)
+
+
+class BatchHandler(Protocol):
+    """Turns a batch of requests into the messages that answer them."""
+
+    worker_id: str
+
+    @property
+    def model(self) -> object:
+        """What the next batch will run on; a new object after each hot reload."""
+
+    def prepare(self, messages: list[Message]) -> Prepared: ...
+
+
+class PredictionHandler:
+    """Answers fmnist.v1 and Open Inference Protocol requests with the model's predictions."""
+
+    def __init__(self, cfg: Config, predictor: BatchPredictor, worker_id: str) -> None:
+        self.cfg = cfg
+        self.predictor = predictor  # swapped between batches by a hot reload
+        self.worker_id = worker_id
+
+    @property
+    def model(self) -> object:
+        return self.predictor
+
+    def prepare(self, messages: list[Message]) -> Prepared:
+        """Parse and decode the batch and dispatch its forward pass; ``finish()`` on the result
+        waits for the pass and returns the messages to publish."""
+        predictor = self.predictor  # read once: a hot reload swaps models between batches
+        requests: list[protocol.Request] = []
+        errors: dict[int, protocol.RequestError] = {}
+        rows: list[np.ndarray] = []
+        spans: dict[int, tuple[int, int, str | None]] = {}  # i -> (first row, rows, OIP id)
+        n_rows = 0
+        for i, message in enumerate(messages):
+            request, error = protocol.parse_request(message, self.cfg.broker.response_topic)
+            requests.append(request)
+            if error is None:
+                try:
+                    oip_id, pixels = self._decode(request)
+                    spans[i] = (n_rows, len(pixels), oip_id)
+                    rows.append(pixels)
+                    n_rows += len(pixels)
+                    continue
+                except protocol.RequestError as exc:
+                    error = exc
+                except ImageError as exc:
+                    error = protocol.RequestError(exc.code, exc.message)
+                except Exception as exc:  # a decoder bug must not take the batch down
+                    log.exception("unexpected decode failure",
+                                  extra={"request_id": request.request_id})
+                    error = protocol.RequestError("internal_error", f"decode failed: {exc}")
+            errors[i] = error
+
+        started = time.perf_counter()
+        collect = None
+        if rows:
+            try:
+                collect = predictor.start(np.concatenate(rows))
+            except Exception as exc:  # model failure: every request still gets an answer
+                _inference_failed(exc, n_rows, spans, errors)
+
+        def finish() -> BatchResult:
+            probs = np.empty((0, 10), np.float32)
+            if collect is not None:
+                try:
+                    probs = collect()
+                    assert len(probs) == n_rows, "a batch must return one result per input"
+                except Exception as exc:
+                    _inference_failed(exc, n_rows, spans, errors)
+            # Dispatch to results: the forward pass, and whatever the loop did meanwhile.
+            inference_ms = (time.perf_counter() - started) * 1000 if rows else 0.0
+            return self._answers(requests, errors, spans, probs, inference_ms, predictor)
+
+        return Prepared(messages, finish, predictor)
+
+    def _answers(self, requests: list[protocol.Request], errors: dict[int, protocol.RequestError],
+                 spans: dict[int, tuple[int, int, str | None]], probs: np.ndarray,
+                 inference_ms: float, predictor: BatchPredictor) -> BatchResult:
+        """One answer per request (and a dead letter per failed one), in request order."""
+        model = {"name": predictor.name, "version": predictor.version}
+        ranked = predictor.describe_many(probs)
+        out: list[OutMessage] = []
+        outcomes: list[str] = []
+        for i, request in enumerate(requests):
+            error = errors.get(i)
+            body = None
+            prediction = None
+            if oip.is_oip(request.content_type, request.message.value):
+                body = ({"error": f"{error.code}: {error.message}"} if error else
+                        oip.response(model["name"], model["version"],
+                                     spans[i][2] or request.request_id,
+                                     probs[spans[i][0]:spans[i][0] + spans[i][1]]))
+            elif not error:
+                prediction = ranked[spans[i][0]].as_dict()
+            out.append(protocol.response(request, model=model, worker_id=self.worker_id,
+                                         inference_ms=None if error else inference_ms,
+                                         prediction=prediction, error=error, body=body))
+            if error:
+                out.append(self._dead_letter(request, error))
+            outcomes.append(error.code if error else "ok")
+        return BatchResult(out, outcomes, inference_ms)
+
+    def _dead_letter(self, request: protocol.Request, error: protocol.RequestError
+                     ) -> OutMessage:
+        """``protocol.dead_letter``, bounded so that the broker always takes it.
+
+        A dead letter the broker refuses fails its whole batch, which is then delivered again
+        and refused again, forever: one oversized request would stall the worker. So the letter
+        keeps at most ``imaging.max_payload_bytes`` of the payload (only a request over that
+        limit has more; ``dlq_payload_bytes`` says how long it was, ``dlq_source`` where the
+        whole of it is) and at most ``MAX_HEADERS`` of the original headers (the protocol's
+        own first), each within Pub/Sub's attribute limits (256-byte name, 1024-byte value).
+        Under Kafka's default 1 MiB and Pub/Sub's 10 MB message limits.
+        """
+        letter = protocol.dead_letter(request, error, self.cfg.broker.dlq_topic, self.worker_id)
+        cap = self.cfg.imaging.max_payload_bytes
+        original = [(k, v) for k, v in letter.headers.items() if not k.startswith("dlq_")
+                    and len(k.encode()) <= 256 and len(v.encode()) <= protocol.MAX_HEADER_VALUE]
+        original.sort(key=lambda kv: kv[0] not in _PROTOCOL_HEADERS)  # stable: wire order
+        headers = dict(original[:protocol.MAX_HEADERS])
+        headers.update((k, v) for k, v in letter.headers.items() if k.startswith("dlq_"))
+        headers["dlq_payload_bytes"] = str(len(letter.value))
+        return OutMessage(letter.topic, letter.value[:cap], key=letter.key, headers=headers)
+
+    def _decode(self, request: protocol.Request) -> tuple[str | None, np.ndarray]:
+        """Pixels [k, 28, 28] of one request: an image file, or an OIP tensor body."""
+        payload = request.message.value
+        if oip.is_oip(request.content_type, payload):
+            if len(payload) > self.cfg.imaging.max_payload_bytes:
+                raise protocol.RequestError(
+                    "payload_too_large", f"{len(payload):,} bytes is over the limit of "
+                    f"{self.cfg.imaging.max_payload_bytes:,} (imaging.max_payload_bytes)")
+            return oip.parse(payload)
+        return None, imaging.decode(payload, self.cfg.imaging)[None]
+
+
+def _inference_failed(exc: Exception, n_rows: int, spans: dict[int, tuple[int, int, str | None]],
+                      errors: dict[int, protocol.RequestError]) -> None:
+    log.error("inference failed for a batch of %d", n_rows, exc_info=exc)
+    for i in spans:
+        errors[i] = protocol.RequestError("internal_error", f"inference failed: {exc}")
