@@ -18,7 +18,8 @@ decoder (file object, chunk dispatch, ``ImageFile.load``) was two thirds of thei
 After the checks above, ``fmnist.imaging.png.decode_grey`` reads such a PNG with that same C decoder, so
 the pixels are the same bit for bit; anything it does not vouch for (another mode,
 transparency, EXIF, a bad CRC, any anomaly) returns None and goes through Pillow as before,
-with the same errors and messages.
+with the same errors and messages. So does every PNG once Pillow's private API that it drives
+has failed (docs/decisions.md#fast-png-path).
 
 Conversion (see docs/images.md):
 

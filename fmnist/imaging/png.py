@@ -20,6 +20,12 @@ does not vouch for:
   APNG chunks, and every other chunk, critical or not;
 * a decoder error (bad filter byte, corrupt deflate data) or a stream that stops mid-image.
 
+Any exception from Pillow's private API (a release that renamed or removed a call, changed a
+signature or a result) turns the fast path off for the rest of the process, with one WARNING,
+so every later PNG goes to Pillow's public decoder without paying for the exception again. A
+decoder error above comes back as an error code, not an exception: it falls back for that
+request only.
+
 Bounded like Pillow: the decoder inflates one row at a time into a (width + 1)-byte buffer and
 stops after the last row, so an IDAT that inflates to far more than the header promises (a
 "zlib bomb") costs at most height x (width + 1) inflated bytes. Two quirks of that decoder are
@@ -30,10 +36,12 @@ ends the image there (the missing rows stay zero).
 
 from __future__ import annotations
 
+import logging
 import struct
 import zlib
 
 import numpy as np
+import PIL
 from PIL import Image
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,23 +55,45 @@ _CRC = struct.Struct(">I")
 # we accept for each (Pillow's handlers raise on shorter ones). tIME has no handler at all.
 HARMLESS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tIME": 7}
 
+log = logging.getLogger("fmnist.imaging.png")
+_available = True  # False once Pillow's private API has failed: Pillow's path from then on
+
 
 def decode_grey(payload: bytes) -> np.ndarray | None:
     """The uint8 [height, width] pixels of an 8-bit greyscale PNG, or None: use Pillow."""
+    if not _available:
+        return None
     found = _image_data(payload)
     if found is None:
         return None
     (width, height), data = found
     grey = np.zeros((height, width), np.uint8)
-    canvas = Image.core.map_buffer(grey, (width, height), "raw", 0, ("L", 0, 1))
-    decoder = Image.core.zip_decoder("L", "L")
-    try:
-        decoder.setimage(canvas, (0, 0, width, height))
-        status, error = decoder.decode(data)
-    finally:
-        decoder.cleanup()
-    # status >= 0: it wants more data (truncated); error != 0: broken stream or filter byte.
-    return grey if status < 0 and error == 0 else None
+    try:  # Pillow's private API, from here to the test of its result
+        canvas = Image.core.map_buffer(grey, (width, height), "raw", 0, ("L", 0, 1))
+        decoder = Image.core.zip_decoder("L", "L")
+        try:
+            decoder.setimage(canvas, (0, 0, width, height))
+            status, error = decoder.decode(data)
+        finally:
+            decoder.cleanup()
+        # status >= 0: it wants more data (truncated); error != 0: broken stream or filter byte.
+        complete = status < 0 and error == 0
+    except MemoryError:  # this request's, not the API's: keep the fast path for the next one
+        return None
+    except Exception as exc:  # noqa: BLE001 - any API error: Pillow's public decoder instead
+        _disable(exc)  # docs/decisions.md#fast-png-path: fall back, pixels identical
+        return None
+    return grey if complete else None
+
+
+def _disable(exc: Exception) -> None:
+    global _available
+    if _available:
+        _available = False
+        log.warning("PNG fast path disabled: Pillow %s's private decoder API failed (%s: %s); "
+                    "every PNG now goes through Pillow's public decoder, with the same pixels "
+                    "but slower (docs/decisions.md#fast-png-path).",
+                    PIL.__version__, type(exc).__name__, exc)
 
 
 def _image_data(payload: bytes) -> tuple[tuple[int, int], bytes] | None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -615,6 +616,111 @@ def test_fast_path_reads_the_sample_images_as_pillow_does() -> None:
         assert grey is not None and grey.dtype == np.uint8 and grey.shape == (28, 28)
         np.testing.assert_array_equal(grey, pillow_grey(payload))
         np.testing.assert_array_equal(imaging.decode(payload, CFG), via_pillow(payload))
+
+
+class ChangedCore:
+    """Pillow's private ``Image.core`` as a later release might offer it: ``changes`` replace
+    names (None removes them), the rest is the real core."""
+
+    def __init__(self, **changes: object) -> None:
+        self._changes = changes
+
+    def __getattr__(self, name: str) -> object:
+        if self._changes.get(name, ...) is None:
+            raise AttributeError(f"module 'PIL._imaging' has no attribute {name!r}")
+        return self._changes.get(name) or getattr(Image.core, name)
+
+
+def zip_decoder_with_a_new_signature(mode: str, rawmode: str, new_argument: object) -> None:
+    raise AssertionError("unreachable: the fast path's call has too few arguments")
+
+
+class DecoderReturningATriple:
+    """``decode`` returns (status, error, consumed): unpacking it fails after Pillow's call."""
+
+    def __init__(self, *args: object) -> None:
+        self._decoder = Image.core.zip_decoder(*args)
+        self.setimage, self.cleanup = self._decoder.setimage, self._decoder.cleanup
+
+    def decode(self, data: bytes) -> tuple[int, int, int]:
+        return (*self._decoder.decode(data), len(data))
+
+
+def break_private_api(monkeypatch: pytest.MonkeyPatch, core: object) -> None:
+    """The fast path sees ``core`` (None: no ``Image.core`` at all); Pillow's own PNG plugin,
+    which gets its decoder from the same private core, keeps the real one, as it would in a
+    release that changed the API."""
+    pillow = types.SimpleNamespace() if core is None else types.SimpleNamespace(core=core)
+    monkeypatch.setattr(png, "Image", pillow)
+    monkeypatch.setattr(png, "_available", True)  # restored, with png.Image, after the test
+
+
+@pytest.mark.parametrize("core", [
+    ChangedCore(zip_decoder=None),  # AttributeError
+    ChangedCore(map_buffer=None),
+    ChangedCore(zip_decoder=zip_decoder_with_a_new_signature),  # TypeError
+    ChangedCore(zip_decoder=DecoderReturningATriple),  # ValueError
+    None,  # no Image.core: AttributeError
+], ids=["no-zip_decoder", "no-map_buffer", "new-signature", "new-result", "no-core"])
+def test_a_broken_private_api_falls_back_to_pillow_and_warns_once(
+        core: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """docs/decisions.md#fast-png-path: after any error of Pillow's private API the fast path
+    gives up for good, and every PNG gets the pixels of Pillow's public decoder."""
+    payloads = sample_payloads()
+    expected = [via_pillow(payload) for payload in payloads]
+    break_private_api(monkeypatch, core)
+    with caplog.at_level("WARNING", logger="fmnist.imaging.png"):
+        for payload, pixels in zip(payloads, expected, strict=True):
+            assert png.decode_grey(payload) is None
+            np.testing.assert_array_equal(imaging.decode(payload, CFG), pixels)
+    assert png._available is False
+    (record,) = [r for r in caplog.records if r.name == "fmnist.imaging.png"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith("PNG fast path disabled: Pillow ")
+    assert "docs/decisions.md#fast-png-path" in record.getMessage()
+
+
+def test_a_disabled_fast_path_no_longer_calls_the_private_api(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first failure, later requests return None before touching Pillow's core."""
+    calls: list[object] = []
+
+    def failing(*args: object) -> None:
+        calls.append(args)
+        raise TypeError("zip_decoder() takes 3 arguments")
+
+    break_private_api(monkeypatch, ChangedCore(zip_decoder=failing))
+    for payload in sample_payloads():
+        assert png.decode_grey(payload) is None
+    assert len(calls) == 1
+
+
+def test_a_memory_error_does_not_disable_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory is that request's trouble, not the API's."""
+    def out_of_memory(*args: object) -> None:
+        raise MemoryError
+
+    break_private_api(monkeypatch, ChangedCore(zip_decoder=out_of_memory))
+    assert png.decode_grey(PLAIN) is None
+    assert png._available is True
+
+
+def test_corrupt_image_data_keeps_the_fast_path(monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A decoder error code (bad filter byte, corrupt or short deflate stream) is the request's
+    problem, not the API's: that request goes to Pillow, the next one still takes the fast path."""
+    monkeypatch.setattr(png, "_available", True)
+    bad_filter = png_of_rows(scanlines(OBJECT, b"\x00\x05"))
+    corrupt = png_from([PLAIN_IHDR, (b"IDAT", b"\x78\x9c" + bytes(range(200))), PLAIN_IEND])
+    with caplog.at_level("WARNING", logger="fmnist.imaging.png"):
+        for payload in (bad_filter, corrupt, SHORT_IDAT):
+            assert png.decode_grey(payload) is None
+            assert error_of(payload).code == "undecodable_image"
+    assert png._available is True
+    assert not [r for r in caplog.records if r.name == "fmnist.imaging.png"]
+    grey = png.decode_grey(PLAIN)
+    assert grey is not None
+    np.testing.assert_array_equal(grey, OBJECT)
 
 
 def test_decode_opens_only_the_other_images_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
