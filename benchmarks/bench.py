@@ -28,7 +28,7 @@ from typing import Any
 import common
 import cpu_profile
 import report
-from common import PYTHON, ROOT, Topics, WorkerProcess, machine, training_running
+from common import PYTHON, ROOT, WorkerProcess, bench_topics, machine, training_running
 from loadgen import LoadGen
 
 from fmnist import config
@@ -129,7 +129,7 @@ def children(pid: int) -> int:
 def run_once(args: argparse.Namespace, broker: str, kind: str, workers: int,
              overrides: dict[str, str], logdir: Path, profile: Path | None) -> dict[str, Any]:
     """One run of one configuration, from fresh topics and fresh worker processes."""
-    topics = Topics(broker)
+    topics = bench_topics(broker)
     gen = LoadGen(broker, topics, overrides)
     procs: list[WorkerProcess] = []
     result: dict[str, Any] = {}

@@ -1,72 +1,41 @@
-"""Shared by the benchmark's parts: per-run topics passed by env, worker processes, statistics."""
+"""Shared by the benchmark's parts: worker processes on per-run topics (fmnist.testing's, as the
+tests use them), the machine's state, statistics."""
 
 from __future__ import annotations
 
 import os
 import platform
-import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from fmnist.testing.processes import ROOT
+from fmnist.testing.processes import WorkerProcess as HarnessProcess
+from fmnist.testing.topics import Topics
+
 PYTHON = sys.executable
 
-
-class Topics:
-    """A private request/response/DLQ topic set and consumer group for one run, passed by env
-    (``config.routing``, as the integration tests do) on top of the caller's FMNIST_*."""
-
-    def __init__(self, broker: str) -> None:
-        self.broker = broker
-        tag = uuid.uuid4().hex[:10]
-        self.request, self.response, self.dlq = f"bench-req-{tag}", f"bench-res-{tag}", \
-            f"bench-req-{tag}.dlq"
-        self.group = f"bench-workers-{tag}"
-
-    def all(self) -> list[str]:
-        return [self.request, self.response, self.dlq]
-
-    def env(self, overrides: dict[str, str]) -> dict[str, str]:
-        from fmnist import config
-
-        env = dict(os.environ)  # the caller's FMNIST_* settings (bootstrap servers, ...) hold
-        env.update({config.env_name(k): v for k, v in config.routing(
-            self.broker, self.request, self.response, self.dlq, self.group).items()})
-        env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
-        env.update(overrides)
-        return env
-
-    def config(self, overrides: dict[str, str]):
-        """The config a worker started with ``env(overrides)`` sees."""
-        from fmnist import config
-
-        return config.load(env=self.env(overrides))
+ECHO_WORKER = [PYTHON, str(ROOT / "benchmarks" / "echo_worker.py")]
 
 
-class WorkerProcess:
-    """`fmnist serve --quiet` (or the echo worker) in a subprocess, its log in a file."""
+def bench_topics(broker: str) -> Topics:
+    """A run's own topics and group (``bench-`` names, so a leftover one is easy to spot)."""
+    return Topics(broker, prefix="bench-")
 
-    def __init__(self, kind: str, topics: Topics, overrides: dict[str, str], log_path: Path,
-                 profile: Path | None = None) -> None:
-        if kind == "fmnist":
-            cmd = [PYTHON, "-m", "fmnist", "serve", "--quiet"]
-        else:
-            cmd = [PYTHON, str(ROOT / "benchmarks" / "echo_worker.py")]
+
+class WorkerProcess(HarnessProcess):
+    """`fmnist serve --quiet` (``kind`` "fmnist") or the echo worker, on a run's topics, with
+    the caller's own FMNIST_* settings under ``overrides``; optionally sampled by py-spy."""
+
+    def __init__(self, kind: str, topics: Topics, overrides: dict[str, str],
+                 log_path: Path) -> None:
+        super().__init__(topics, log_path, command=None if kind == "fmnist" else ECHO_WORKER,
+                         env=overrides, inherit=True)
         self.kind = kind
-        self.log_path = log_path
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.started = time.time()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=topics.env(overrides), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.profiler: subprocess.Popen | None = None
-        if profile is not None:
-            self.profile(profile)
+        self.profiler: subprocess.Popen[bytes] | None = None
 
     def profile(self, out: Path, rate: int = 200) -> None:
         """Sample every thread of the worker with py-spy until it exits (speedscope JSON)."""
@@ -75,40 +44,14 @@ class WorkerProcess:
              "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
 
-    def memory_mb(self) -> dict[str, float]:
-        """Peak (VmHWM) and current (VmRSS) resident memory of the worker process, in MB."""
-        fields: dict[str, float] = {}
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    fields[key] = int(value.split()[0]) / 1024
-        except OSError:
-            pass
-        return fields
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def stop(self, timeout: float = 20) -> int:
-        """SIGTERM (drain and exit), then SIGKILL if it has not exited within ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(timeout=10)
+        rc = super().stop(timeout)
         if self.profiler is not None:
             try:
                 self.profiler.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.profiler.kill()
                 self.profiler.wait()
-        self.log.close()
         return rc
 
 

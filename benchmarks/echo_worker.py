@@ -4,7 +4,8 @@ It is fmnist's own ``Worker`` with an echo as its batch handler, so everything e
 same code (docs/decisions.md#echo-ceiling): the broker adapters from ``fmnist.brokers`` and
 their settings (from the same config and ``FMNIST_*`` environment), the micro-batching
 (``serve.max_batch_size`` / ``serve.max_wait_ms``), publish-and-confirm before commit, and
-SIGTERM draining. No TensorFlow, no decode, no JSON: the best any worker on this broker and client library can do.
+SIGTERM draining. No TensorFlow, no decode, no JSON: the best any worker on this broker and
+client library can do.
 
     FMNIST_SERVE__BROKER=kafka python benchmarks/echo_worker.py
 """

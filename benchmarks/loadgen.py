@@ -40,7 +40,7 @@ class Phase:
 class LoadGen:
     def __init__(self, broker_name: str, topics: Topics, overrides: dict[str, str]) -> None:
         self.topics = topics
-        cfg = topics.config(overrides)
+        cfg = topics.config(overrides, inherit=True)
         self.broker = connect(broker_name, cfg)
         self.broker.check(cfg.broker.connect_timeout_s)
         self.broker.ensure_topics(topics.all())

@@ -2,7 +2,7 @@
 
     scripts/faults [--count N] [--brokers kafka,pubsub] [--only NAME ...] [--timeout S]
 
-Scenarios (tests/integration/scenarios.py; the tests in tests/integration assert on the same
+Scenarios (fmnist/testing/scenarios.py; the tests in tests/integration assert on the same
 runs): poison requests in a stream of good ones; `kill -9` of a worker mid-stream; SIGTERM
 during a busy stream, and a second signal; a worker started before Kafka; Kafka stopped and
 restarted under load (on a Kafka of its own, on free ports); workers joining and leaving a
@@ -30,12 +30,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fmnist import config  # noqa: E402
-from tests.integration import scenarios  # noqa: E402
-from tests.integration.scenarios import OwnKafka, Report  # noqa: E402
+from fmnist import config
+from fmnist.testing import scenarios
+from fmnist.testing.scenarios import OwnKafka, Report
 
 SCENARIOS = ("poison", "crash", "sigterm", "kafka-late", "kafka-restart", "rebalance")
 MAX_COUNT = 10_000

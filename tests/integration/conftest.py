@@ -6,13 +6,18 @@ missing broker must turn CI red, not quietly shrink the suite.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from fmnist import config
-from fmnist.brokers import Broker, connect
+from fmnist.brokers import Broker, Consumer, Message, connect
+from fmnist.brokers.kafka import KafkaBroker
+from fmnist.brokers.pubsub import PubsubBroker
+from fmnist.testing.processes import WorkerProcess
+from fmnist.testing.topics import Topics
 
 
 def unique(prefix: str) -> str:
@@ -30,43 +35,42 @@ def cfg() -> config.Config:
     return config.load()
 
 
-@pytest.fixture
-def broker(broker_name: str, cfg: config.Config) -> Iterator[Broker]:
-    b = connect(broker_name, cfg)
+def _checked(name: str, cfg: config.Config) -> Iterator[Broker]:
+    b = connect(name, cfg)
     b.check(timeout_s=10)  # raises BrokerError -> test error, never a skip
     yield b
     b.close()
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
-FMNIST = [__import__("sys").executable, "-m", "fmnist"]
+@pytest.fixture
+def broker(broker_name: str, cfg: config.Config) -> Iterator[Broker]:
+    """Each broker in turn (the contract tests)."""
+    yield from _checked(broker_name, cfg)
 
 
-class Topics:
-    """A private set of topics (and subscriptions / group) for one test, passed by env."""
+@pytest.fixture
+def kafka(cfg: config.Config) -> Iterator[KafkaBroker]:
+    """The real Kafka, for what only Kafka does."""
+    for b in _checked("kafka", cfg):
+        assert isinstance(b, KafkaBroker)
+        yield b
 
-    def __init__(self, broker_name: str) -> None:
-        self.broker_name = broker_name
-        tag = uuid.uuid4().hex[:10]
-        self.request, self.response, self.dlq = f"req-{tag}", f"res-{tag}", f"req-{tag}.dlq"
-        self.group = f"workers-{tag}"
 
-    def env(self, **extra: str) -> dict[str, str]:
-        import os
+@pytest.fixture
+def pubsub(cfg: config.Config) -> Iterator[PubsubBroker]:
+    """The real Pub/Sub emulator, for what only Pub/Sub does."""
+    for b in _checked("pubsub", cfg):
+        assert isinstance(b, PubsubBroker)
+        yield b
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FMNIST_")}
-        env.update({config.env_name(k): v for k, v in self.routing().items()})
-        env.update(PYTHONUNBUFFERED="1", **extra)
-        return env
 
-    def routing(self) -> dict[str, str]:
-        return config.routing(self.broker_name, self.request, self.response, self.dlq, self.group)
-
-    def config(self, **sections: dict) -> config.Config:
-        flags: dict[str, object] = dict(self.routing())
-        for section, values in sections.items():
-            flags.update({f"{section}.{k}": v for k, v in values.items()})
-        return config.load(flags=flags, env={})
+def drain(consumer: Consumer, want: int, timeout: float = 20.0) -> list[Message]:
+    """Read until ``want`` messages came or ``timeout`` passed."""
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got.extend(consumer.next_batch(want - len(got), timeout_s=0.5))
+    return got
 
 
 @pytest.fixture
@@ -74,43 +78,15 @@ def topics(broker_name: str) -> Topics:
     return Topics(broker_name)
 
 
-class WorkerProcess:
-    """`fmnist serve` in a subprocess, its log in a file the test can read."""
-
-    def __init__(self, topics: Topics, log_path, *args: str, **env: str) -> None:
-        import subprocess
-
-        self.log_path = log_path
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*FMNIST, "serve", "--quiet", *args], cwd=ROOT,
-                                     env=topics.env(**env), stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout: float = 30) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=timeout)
-        self.log.close()
-        return rc
-
-
 @pytest.fixture
 def start_worker(tmp_path):
     started: list[WorkerProcess] = []
 
     def start(topics: Topics, *args: str, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(topics, tmp_path / f"worker-{len(started)}.log", *args, **env)
+        worker = WorkerProcess(topics, tmp_path / f"worker-{len(started)}.log", *args, env=env)
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-            worker.proc.wait()
-        worker.log.close()
+        worker.kill()

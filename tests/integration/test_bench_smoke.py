@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT
+from fmnist.testing.processes import ROOT
 
 pytestmark = pytest.mark.slow
 

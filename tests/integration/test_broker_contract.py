@@ -6,17 +6,10 @@ import time
 
 import pytest
 
-from fmnist.brokers.base import Broker, Message, OutMessage
+from fmnist.brokers.base import Broker, OutMessage
 from fmnist.errors import BrokerError
-from tests.integration.conftest import unique
-
-
-def drain(consumer, want: int, timeout: float = 20.0) -> list[Message]:
-    got: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < want and time.monotonic() < deadline:
-        got.extend(consumer.next_batch(want - len(got), timeout_s=0.5))
-    return got
+from fmnist.testing.waiting import poll_until
+from tests.integration.conftest import drain, unique
 
 
 def test_publish_then_group_consumer_receives_values_headers_and_keys(broker: Broker) -> None:
@@ -121,3 +114,31 @@ def test_unreachable_broker_fails_fast_with_the_address(broker_name: str, cfg) -
     assert time.monotonic() - started < 15
     assert "127.0.0.1:1" in str(info.value)
     assert "scripts/brokers up" in str(info.value)
+
+
+def test_a_retained_reader_sees_what_was_published_before_it_opened(broker: Broker) -> None:
+    """What `fmnist listen --from-beginning` and `fmnist dlq` rely on, whatever the broker."""
+    topic = unique("retained")
+    broker.ensure_topics([topic])  # Pub/Sub: with the shared <topic>-sub that holds it
+    broker.producer().publish([OutMessage(topic, b"before")], timeout_s=10)
+    reader = broker.retained_reader(topic)
+    got = drain(reader, 1)
+    assert [m.value for m in got] == [b"before"]
+    reader.commit(got)
+    reader.close()
+
+
+def test_deleted_topics_are_gone_and_deleting_twice_is_fine(broker: Broker) -> None:
+    topic = unique("deleted")
+    broker.ensure_topics([topic])
+    broker.delete_topics([topic])
+    broker.delete_topics([topic])  # missing: no error
+    poll_until(lambda: _gone(broker, topic), timeout=15, message=f"{topic} deleted")
+
+
+def _gone(broker: Broker, topic: str) -> bool:
+    try:
+        broker.consumer(topic, group=unique("g")).close()
+    except BrokerError:
+        return True
+    return False

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration import scenarios
-from tests.integration.scenarios import OwnKafka
+from fmnist.testing import scenarios
+from fmnist.testing.scenarios import OwnKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

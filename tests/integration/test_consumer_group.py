@@ -9,8 +9,9 @@ import time
 import pytest
 
 from fmnist.brokers import OutMessage, connect
-from tests.helpers import poll_until
-from tests.integration.conftest import ROOT, Topics
+from fmnist.testing.processes import ROOT
+from fmnist.testing.topics import Topics
+from fmnist.testing.waiting import poll_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from fmnist.brokers import OutMessage, connect
-from tests.integration.conftest import FMNIST, ROOT, Topics
+from fmnist.testing.processes import FMNIST, ROOT
+from fmnist.testing.topics import Topics
 
 pytestmark = pytest.mark.slow
 LABELS = json.loads((ROOT / "Images" / "labels.json").read_text())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,19 +15,11 @@ from fmnist import config
 from fmnist.brokers.base import Message, OutMessage
 from fmnist.brokers.kafka import KafkaBroker
 from fmnist.errors import BrokerError
-from tests.helpers import poll_until
-from tests.integration.conftest import unique
-from tests.integration.test_broker_contract import drain
+from fmnist.testing.waiting import poll_until
+from tests.integration.conftest import drain, unique
 
 pytestmark = pytest.mark.kafka
 
-
-@pytest.fixture
-def kafka(cfg: config.Config) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(cfg)
-    broker.check(timeout_s=10)
-    yield broker
-    broker.close()
 
 
 def offsets(messages: list[Message]) -> list[int]:

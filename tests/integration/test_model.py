@@ -13,7 +13,7 @@ from fmnist import config
 from fmnist.cli import app
 from fmnist.model import artifacts
 from fmnist.model.predictor import Predictor
-from tests.integration.conftest import ROOT
+from fmnist.testing.processes import ROOT
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -38,9 +38,10 @@ from fmnist.model import artifacts
 from fmnist.model.network import CLASS_NAMES
 from fmnist.serving import protocol
 from fmnist.serving.metrics import STUCK_AFTER_S
-from tests.helpers import http_get as get
-from tests.helpers import poll_until
-from tests.integration.conftest import FMNIST, ROOT, Topics, WorkerProcess
+from fmnist.testing.processes import FMNIST, ROOT, WorkerProcess
+from fmnist.testing.topics import Topics
+from fmnist.testing.waiting import http_get as get
+from fmnist.testing.waiting import poll_until
 
 pytestmark = pytest.mark.slow
 LABELS = json.loads((ROOT / "Images" / "labels.json").read_text())
@@ -226,8 +227,8 @@ def start_served(broker: str, folder: Path, weights: Path, *args: str, **env: st
     port = free_port()
     log_path = folder / f"worker-{broker}.log"
     process = WorkerProcess(topics, log_path, "--metrics-port", str(port), "--log-format",
-                            "json", *args, FMNIST_MODEL__WEIGHTS_DIR=str(weights.parent),
-                            FMNIST_MODEL__NAME=weights.stem, **env)
+                            "json", *args, env={"FMNIST_MODEL__WEIGHTS_DIR": str(weights.parent),
+                                                "FMNIST_MODEL__NAME": weights.stem, **env})
     return Served(broker, topics, port, weights, process, log_path)
 
 

@@ -11,8 +11,8 @@ import pytest
 from fmnist.brokers.base import OutMessage
 from fmnist.errors import BrokerError
 from fmnist.serving import protocol
-from tests.integration import scenarios
-from tests.integration.scenarios import LABELS, MODEL, Run
+from fmnist.testing import scenarios
+from fmnist.testing.scenarios import LABELS, MODEL, Run
 
 pytestmark = pytest.mark.slow
 CASES = sorted(scenarios.poison_cases("kafka"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,19 +16,11 @@ from fmnist import config
 from fmnist.brokers.base import Message, OutMessage
 from fmnist.brokers.pubsub import PubsubBroker
 from fmnist.errors import BrokerError, ConfigError
-from tests.helpers import poll_until
-from tests.integration.conftest import unique
-from tests.integration.test_broker_contract import drain
+from fmnist.testing.waiting import poll_until
+from tests.integration.conftest import drain, unique
 
 pytestmark = pytest.mark.pubsub
 
-
-@pytest.fixture
-def pubsub(cfg: config.Config) -> Iterator[PubsubBroker]:
-    broker = PubsubBroker(cfg)
-    broker.check(timeout_s=10)
-    yield broker
-    broker.close()
 
 
 def subscriptions_of(broker: PubsubBroker, topic: str) -> set[str]:

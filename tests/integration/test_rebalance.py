@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration import scenarios
+from fmnist.testing import scenarios
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import shellingham
+import typer.core
+import typer.main
 from typer.testing import CliRunner
 
+import fmnist
 from fmnist.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +39,77 @@ def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def command_object(command: str) -> Any:
+    """The Click command Typer builds for `fmnist COMMAND`."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return group.commands[command]
+
+
+def examples(command: str) -> list[str]:
+    """The invocations listed under "Examples:" in the command's docstring."""
+    help_text = command_object(command).help or ""
+    _, _, block = help_text.partition("Examples:")
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_shows_examples_one_per_line(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    lines = {line.strip() for line in result.output.splitlines()}
+    assert examples(command) and set(examples(command)) <= lines, result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_example_is_a_valid_invocation(command: str) -> None:
+    """Each example names this command and its options parse (nothing runs)."""
+    for example in examples(command):
+        argv = shlex.split(example)
+        while "=" in argv[0]:  # leading VAR=value environment assignments
+            argv.pop(0)
+        assert argv[:2] == ["fmnist", command], example
+        with command_object(command).make_context(command, argv[2:]):
+            pass
+
+
+def test_version_prints_the_installed_metadata_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == importlib.metadata.version("fmnist") + "\n"
+
+
+def test_version_without_installed_metadata_is_a_pep440_placeholder(monkeypatch) -> None:
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    assert fmnist.__version__  # cache the real value so monkeypatch restores it afterwards
+    monkeypatch.delattr(fmnist, "__version__")
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert fmnist.__version__ == "0+unknown"
+
+
+def test_show_completion_prints_a_bash_script_for_fmnist(monkeypatch) -> None:
+    # Typer asks shellingham which shell runs us; pin the answer so no parent process matters.
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *a, **k: ("bash", "/bin/bash"))
+    result = runner.invoke(app, ["--show-completion"], env={"SHELL": "/bin/bash"})
+    assert result.exit_code == 0, result.output
+    assert "_FMNIST_COMPLETE=complete_bash" in result.output
+    assert re.search(r"^complete .* fmnist$", result.output, re.MULTILINE), result.output
+
+
+@pytest.mark.parametrize(("words", "expected"), [("fmnist pre", "predict"),
+                                                  ("fmnist serve --bro", "--broker")])
+def test_completion_completes_commands_and_options(words: str, expected: str) -> None:
+    """What the installed script asks fmnist when the user presses Tab."""
+    env = {"_FMNIST_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - 1)}
+    result = runner.invoke(app, [], env=env, prog_name="fmnist")
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [expected]
 
 
 def test_every_command_is_documented_in_the_readme() -> None:

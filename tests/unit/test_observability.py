@@ -13,8 +13,8 @@ from fmnist.errors import ModelError
 from fmnist.logs import JsonFormatter
 from fmnist.serving.metrics import HealthServer, InstrumentedConsumer, Metrics
 from fmnist.serving.reload import Reloader
+from fmnist.testing.waiting import http_get as get
 from tests.fakes import BrightnessPredictor
-from tests.helpers import http_get as get
 from tests.unit.test_worker import REQ, RES, cfg, make_worker, png, request  # noqa: F401
 
 

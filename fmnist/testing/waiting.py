@@ -1,4 +1,4 @@
-"""Shared test helpers: waiting without bare sleeps."""
+"""Waiting without bare sleeps: poll a condition, or an HTTP endpoint, until a deadline."""
 
 from __future__ import annotations
 
