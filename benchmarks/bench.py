@@ -1,6 +1,6 @@
 """fmnist's benchmark, against the ceiling its broker and client library set, in one run.
 
-    .venv/bin/python benchmarks/bench.py            # the full run (`make bench`), ~15 min
+    .venv/bin/python benchmarks/bench.py            # the full run (`make bench`), ~9 min
     .venv/bin/python benchmarks/bench.py --smoke    # a few seconds per broker: does it still work
 
 Measures (see BENCHMARKS.md): the model alone (images/s by batch size, single-image latency),
@@ -151,7 +151,8 @@ def run_once(args: argparse.Namespace, broker: str, kind: str, workers: int,
             procs[0].profile(profile)
         pids = {"worker": [p.proc.pid for p in procs], "broker": [broker_pid(broker, overrides)],
                 "loadgen": [os.getpid()]}
-        # Back-to-back bursts of one run differ by 10-20% here (session 11): a run's figure
+        # Back-to-back bursts of one run differ by 10-20% here
+        # (benchmarks/results/tuning/2026-11-29-interleaved-bursts/): a run's figure
         # is the median of a few, and CPU is measured over all of them.
         before, wall = cpu_snapshot(pids), time.monotonic()
         bursts = [gen.burst(args.burst, max(60, args.burst / 20)) for _ in range(args.bursts)]

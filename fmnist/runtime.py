@@ -1,8 +1,8 @@
 """Importing the ML stack deliberately: thread pools, determinism, and which device runs.
 
 TensorFlow is imported here and only when a command needs it, so `fmnist --help` and
-`fmnist send` start instantly. The previous system left TensorFlow's default pools in place and
-used ~1.2 of 2 cores; we size them to the machine (or to `threads` in the config).
+`fmnist send` start instantly. TensorFlow's default pools use ~1.2 of 2 cores here, so they
+are sized to the machine (or to `threads` in the config).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def freeze_heap() -> None:
     """Take every object alive now out of the cyclic garbage collector's sight (``gc.freeze``).
 
     A loaded and warmed model leaves ~260 k long-lived objects (JAX, Keras, the model). Each
-    full (generation 2) collection scanned them all: 130-160 ms with the serve loop stopped,
-    every few seconds under load, which was the whole p99 at 200 req/s (110-180 ms against
-    ~20 ms at p95). Frozen objects are never scanned; the loop's short-lived garbage is still
-    collected and reference counting frees as before. Called again after a hot reload: unfreeze
+    full (generation 2) collection scans them all: 130-160 ms with the serve loop stopped,
+    every few seconds under load, the whole p99 at 200 req/s (docs/decisions.md#gc-freeze).
+    Frozen objects are never scanned; the loop's short-lived garbage is still collected and
+    reference counting frees as before. Called again after a hot reload: unfreeze
     first, so that the model swapped out (full of reference cycles) can be collected.
     """
     gc.unfreeze()
@@ -57,7 +57,7 @@ def select_backend(preferred: str = "auto", threads: int = 0, auto: str = "jax")
     """Choose the Keras backend for inference; call before Keras is first imported.
 
     JAX is the default where installed: its compiled forward pass costs ~0.3 ms per call where
-    TensorFlow's graph dispatch costs ~1.5 ms whatever the model (measured, BENCHMARKS.md), and
+    TensorFlow's graph dispatch costs ~1.5 ms whatever the model (docs/decisions.md#inference-on-jax), and
     it imports in 1.5 s instead of 5-9 s. Training asks for ``auto="tensorflow"``: XLA-compiled
     training measured ~2x slower on this CPU. Once Keras is imported its backend is fixed for
     the process: "auto" accepts it, an explicit choice that differs is a ConfigError.
@@ -83,7 +83,7 @@ def select_backend(preferred: str = "auto", threads: int = 0, auto: str = "jax")
         # XLA's CPU client has no thread-count option. It sizes its compute pools from NPROC
         # when that is set (meant for CI machines), else from the CPUs it may run on; jaxlib
         # 0.10's YNNPACK kernels ignore --xla_cpu_multi_thread_eigen (per-thread CPU under
-        # load, BENCHMARKS.md session 10), so NPROC is what bounds them.
+        # load; docs/decisions.md#serve-threads), so NPROC is what bounds them.
         os.environ.setdefault("NPROC", str(threads))
         if threads == 1:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

@@ -2,7 +2,7 @@
 
 Rule: for each class, the first image of that class in the test split (lowest index), saved
 unchanged as a 28x28 8-bit greyscale PNG named ``<name><class index>.png``, e.g. ``boot9.png``.
-The names are the ones users of the previous system know. Images/labels.json records, per file,
+The names are the ones users of the ML_as_a_Service scripts know. Images/labels.json records, per file,
 the label, class name, test-set index and the SHA-256 of the PNG file.
 
     .venv/bin/python scripts/make_sample_images.py [--out Images]

@@ -6,7 +6,7 @@ of power-of-two "bucket" shapes, so a backend that specialises on shape (JAX, XL
 during warm-up and never on the hot path.
 
 Cost is not monotonic in the shape: XLA on this CPU runs the 7.7 M multiply-add network at
-114 us per image at batch 16 and 80 us at 256, but 356 us at 64 (measured, BENCHMARKS.md). So
+114 us per image at batch 16 and 80 us at 256, but 356 us at 64 (docs/decisions.md#batch-shape-plan). So
 warm-up times every bucket and ``plan`` decides, for each batch size, the cheapest way to cover
 it: one padded call, or several calls (64 images = 4 calls of 16, 7 ms instead of 23 ms).
 """
@@ -200,7 +200,7 @@ def rank(probs: np.ndarray, top_k: int) -> Prediction:
 def rank_many(probs: np.ndarray, top_k: int) -> list[Prediction]:
     """``rank`` for each row of [N, 10] probabilities. One ``argsort`` and one ``tolist`` for
     the batch, then Python ints and floats rather than numpy scalars: 2-5 us less per answer
-    than a call per row (BENCHMARKS.md, session 11), the same order (ties too) and values."""
+    than a call per row (docs/decisions.md#ranked-batch), the same order (ties too) and values."""
     orders = probs.argsort(axis=1)[:, ::-1][:, :top_k].tolist()
     out = []
     for order, values in zip(orders, probs.tolist(), strict=True):

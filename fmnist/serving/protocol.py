@@ -1,6 +1,6 @@
 """The wire protocol (docs/protocol.md): request metadata in, one JSON response out.
 
-A request's payload is the raw image file bytes, exactly what the previous system's clients
+A request's payload is the raw image file bytes, exactly what the ML_as_a_Service scripts' clients
 published, so they keep working. Metadata is optional and travels as Kafka headers / Pub/Sub
 attributes. A response is one JSON object per request, keyed (Kafka) by its request id.
 """
