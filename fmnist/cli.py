@@ -22,7 +22,6 @@ app = typer.Typer(
     help="Fashion-MNIST classifier served behind Kafka or Google Cloud Pub/Sub.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,6 +53,23 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def print_version(value: bool) -> None:
+    if value:
+        from fmnist import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def app_options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=print_version, is_eager=True,
+        help="Print the installed version and exit.")] = False,
+) -> None:
+    """Options of `fmnist` itself; Typer adds --install-completion and --show-completion."""
+
+
 def load_config(config_file: Path | None, **flags: Any) -> config_module.Config:
     """Flags are passed as section__key=value; None means the flag was not given."""
     return config_module.load(config_file, {k.replace("__", "."): v for k, v in flags.items()})
@@ -62,7 +78,14 @@ def load_config(config_file: Path | None, **flags: Any) -> config_module.Config:
 @app.command("config")
 @handle_errors
 def config_cmd(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Print the effective config (defaults < default.yaml < --config < env < flags)."""
+    """Print the effective config (defaults < default.yaml < --config < env < flags).
+
+    Examples:
+
+        fmnist config
+        fmnist config --config configs/train-full.yaml --json
+        FMNIST_SERVE__MAX_BATCH_SIZE=64 fmnist config
+    """
     from fmnist import console
 
     data = config_module.as_dict(load_config(config))
@@ -84,7 +107,13 @@ def data_cmd(
         "--download", help="Download the IDX files into data/ even if another copy exists.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Locate, verify (SHA-256) and describe the Fashion-MNIST dataset."""
+    """Locate, verify (SHA-256) and describe the Fashion-MNIST dataset.
+
+    Examples:
+
+        fmnist data
+        fmnist data --download --json
+    """
     from fmnist import console, data
 
     cfg = load_config(config)
@@ -118,7 +147,13 @@ def train_cmd(
         help="Train on the first N shuffled images only (quick checks).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Train the CNN on the 60k training images; save weights, meta.json and a curve PNG."""
+    """Train the CNN on the 60k training images; save weights, meta.json and a curve PNG.
+
+    Examples:
+
+        fmnist train --epochs 1 --limit 2000 --name quick
+        fmnist train --config configs/train-full.yaml
+    """
     from fmnist import console
     from fmnist.model import train
 
@@ -149,7 +184,13 @@ def evaluate_cmd(
     name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Test accuracy, loss, per-class precision/recall/F1, confusion-matrix and mistakes PNGs."""
+    """Test accuracy, loss, per-class precision/recall/F1, confusion-matrix and mistakes PNGs.
+
+    Examples:
+
+        fmnist evaluate
+        fmnist evaluate --name fmnist-full --json
+    """
     from fmnist import console
     from fmnist.model import evaluate
 
@@ -174,7 +215,13 @@ def predict_cmd(
     top_k: Annotated[int | None, typer.Option(help="How many classes to list.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Classify local image files, no broker needed. Exit 3 if any file could not be read."""
+    """Classify local image files, no broker needed. Exit 3 if any file could not be read.
+
+    Examples:
+
+        fmnist predict Images/sneaker7.png --json
+        fmnist predict Images/*.png --top-k 3
+    """
     from fmnist import console
     from fmnist.model import predict
 
@@ -212,7 +259,13 @@ def serve_cmd(
     reload: Annotated[bool, typer.Option(
         "--reload", help="Hot-reload the weights file when it changes (SIGHUP also reloads).")] = False,
 ) -> None:
-    """Serve predictions: consume requests, predict in micro-batches, publish answers."""
+    """Serve predictions: consume requests, predict in micro-batches, publish answers.
+
+    Examples:
+
+        fmnist serve --broker kafka --metrics-port 9100
+        fmnist serve --broker pubsub --reload --quiet --log-format json
+    """
     from fmnist.serving import serve
 
     cfg = load_config(config, serve__broker=broker, model__name=name,
@@ -231,7 +284,13 @@ def status_cmd(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Ask a running worker how it is (its /status endpoint). Exit 4 if unreachable or unready."""
+    """Ask a running worker how it is (its /status endpoint). Exit 4 if unreachable or unready.
+
+    Examples:
+
+        fmnist status --port 9100
+        fmnist status --port 9100 --json
+    """
     import json
     import urllib.error
     import urllib.request
@@ -272,7 +331,13 @@ def send_cmd(
         help="Kafka brokers (kafka.bootstrap_servers).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Publish images as requests; with --wait, print each answer (exit 4 on timeout)."""
+    """Publish images as requests; with --wait, print each answer (exit 4 on timeout).
+
+    Examples:
+
+        fmnist send sandal5.png --broker pubsub --wait
+        fmnist send Images/*.png --broker kafka --wait --json
+    """
     from fmnist import client, console
     from fmnist.brokers import connect
 
@@ -322,7 +387,13 @@ def listen_cmd(
         help="Kafka brokers (kafka.bootstrap_servers).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Print predictions as they arrive (JSON lines with --json). Ctrl+C stops."""
+    """Print predictions as they arrive (JSON lines with --json). Ctrl+C stops.
+
+    Examples:
+
+        fmnist listen --broker kafka
+        fmnist listen --broker pubsub --count 10 --timeout 60 --json
+    """
     from fmnist import client, console
     from fmnist.brokers import connect
 
@@ -359,7 +430,13 @@ def dlq_cmd(
     timeout: Annotated[float, typer.Option(help="Stop reading after S seconds.")] = 5.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Show the dead-letter topic: rejected requests, why, and where they came from."""
+    """Show the dead-letter topic: rejected requests, why, and where they came from.
+
+    Examples:
+
+        fmnist dlq --broker kafka
+        fmnist dlq --broker pubsub --count 20 --json
+    """
     from fmnist import client, console
     from fmnist.brokers import connect
 
