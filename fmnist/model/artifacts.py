@@ -57,10 +57,20 @@ def _atomic_write(path: Path, write: Any, suffix: str) -> None:
             os.unlink(tmp)
 
 
+def _without_optimizer(model: Any) -> Any:
+    """The same architecture and weights, uncompiled: serving and distillation never read the
+    optimizer, whose moment estimates would make the file three times as large."""
+    if getattr(model, "optimizer", None) is None:
+        return model
+    lean = type(model).from_config(model.get_config())  # no compile config: no optimizer
+    lean.set_weights(model.get_weights())
+    return lean
+
+
 def save(model: Any, meta: dict[str, Any], path: Path) -> Path:
     """Write weights then meta, each atomically, so a reader never sees a half-written pair."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, model.save, ".keras")
+    _atomic_write(path, _without_optimizer(model).save, ".keras")
     meta = {**meta, "version": file_version(path), "weights_file": path.name}
     _atomic_write(meta_path(path),
                   lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"), ".json")
