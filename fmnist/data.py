@@ -36,6 +36,11 @@ from fmnist.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = ("train", "test")
+# The dataset's ten classes, by label index (the model's outputs follow the same order).
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
 IDX_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
     ("train", "labels"): "train-labels-idx1-ubyte",
@@ -293,7 +298,6 @@ def _content_range(value: str | None) -> tuple[int, int | None]:
 
 def describe(source: Source) -> dict[str, object]:
     """Sizes, class balance and checksums of both splits, for `fmnist data`."""
-    from fmnist.model.network import CLASS_NAMES
 
     info: dict[str, object] = {"source": str(source.directory), "layout": source.layout}
     for split in SPLITS:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from fmnist import config, data
-from fmnist.model.network import CLASS_NAMES
+from fmnist.data import CLASS_NAMES
 
 NAMES = ("top", "trouser", "pullover", "dress", "coat",
          "sandal", "shirt", "sneaker", "bag", "boot")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fmnist.brokers.base import Message, OutMessage
+from fmnist.data import CLASS_NAMES
 from fmnist.errors import BrokerError
-from fmnist.model.network import CLASS_NAMES
 from fmnist.model.predictor import Prediction
 
 

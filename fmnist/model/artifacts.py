@@ -15,8 +15,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from fmnist.data import CLASS_NAMES
 from fmnist.errors import ModelError
-from fmnist.model.network import CLASS_NAMES, INPUT_SHAPE, PREPROCESSING
+from fmnist.model.network import INPUT_SHAPE, PREPROCESSING
 
 META_FORMAT = 1
 TRAIN_HINT = "Train one with `fmnist train`, or point `model.weights_dir` / `model.name` at one."

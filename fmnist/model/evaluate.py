@@ -13,7 +13,7 @@ import numpy as np
 
 from fmnist import data
 from fmnist.config import Config
-from fmnist.model.network import CLASS_NAMES
+from fmnist.data import CLASS_NAMES
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from fmnist.config import Config
+from fmnist.data import CLASS_NAMES
 from fmnist.model import artifacts, calibration
-from fmnist.model.network import CLASS_NAMES
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ import numpy as np
 
 from fmnist import data
 from fmnist.config import Config, as_dict
+from fmnist.data import CLASS_NAMES
 from fmnist.errors import ModelError
 from fmnist.model import artifacts, calibration
-from fmnist.model.network import CLASS_NAMES, build, multiply_adds
+from fmnist.model.network import build, multiply_adds
 from fmnist.runtime import device_description, keras_module, library_versions, select_backend
 
 

@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fmnist import config
 from fmnist.brokers import Message, OutMessage, connect
+from fmnist.data import CLASS_NAMES
 from fmnist.model import artifacts
-from fmnist.model.network import CLASS_NAMES
 from fmnist.serving import protocol
 from fmnist.serving.metrics import STUCK_AFTER_S
 from fmnist.testing.processes import FMNIST, ROOT, WorkerProcess

@@ -22,9 +22,9 @@ from PIL import Image, ImageFile
 
 from fmnist import config, data, imaging
 from fmnist.config import ImagingConfig
+from fmnist.data import CLASS_NAMES
 from fmnist.errors import ConfigError, ImageError
 from fmnist.imaging import png
-from fmnist.model.network import CLASS_NAMES
 
 CFG = ImagingConfig()
 ROOT = Path(__file__).resolve().parents[2]

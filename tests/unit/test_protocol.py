@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmnist.brokers.base import Message
-from fmnist.model.network import CLASS_NAMES
+from fmnist.data import CLASS_NAMES
 from fmnist.model.predictor import Prediction, rank, rank_many
 from fmnist.serving import protocol
 
