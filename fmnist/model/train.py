@@ -120,14 +120,8 @@ def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
     train_seconds = time.perf_counter() - started
     reporter.finish()
 
-    calibrated: dict[str, Any] = {"temperature": 1.0}
-    if n_val:  # temperature scaling on the validation split (see fmnist/calibration.py)
-        val_probs = predict_in_batches(model, images[val_idx])
-        temperature = calibration.fit_temperature(val_probs, labels[val_idx])
-        calibrated = {"temperature": temperature, "fitted_on": "validation split",
-                      "val_nll_before": calibration.nll(val_probs, labels[val_idx]),
-                      "val_nll_after": calibration.nll(
-                          calibration.soften(val_probs, temperature), labels[val_idx])}
+    calibrated = _calibrate(model, images[val_idx], labels[val_idx]) if n_val else \
+        {"temperature": 1.0}
     test_probs = calibration.soften(predict_in_batches(model, test_split.images),
                                     calibrated["temperature"])
     test_acc = float(np.mean(np.argmax(test_probs, axis=1) == test_split.labels))
@@ -147,6 +141,15 @@ def train(cfg: Config, reporter: TrainReporter) -> TrainResult:
     weights = artifacts.save(model, meta, cfg.weights_path)
     curve = plot_history(history.history, weights.with_suffix(".curve.png"), cfg.model.name)
     return TrainResult(weights, json.loads(artifacts.meta_path(weights).read_text()), curve)
+
+
+def _calibrate(model: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Temperature scaling on the validation split (see fmnist/model/calibration.py)."""
+    probs = predict_in_batches(model, images)
+    temperature = calibration.fit_temperature(probs, labels)
+    return {"temperature": temperature, "fitted_on": "validation split",
+            "val_nll_before": calibration.nll(probs, labels),
+            "val_nll_after": calibration.nll(calibration.soften(probs, temperature), labels)}
 
 
 def predict_in_batches(model: Any, images: np.ndarray, batch: int = 512) -> np.ndarray:
