@@ -31,7 +31,7 @@ class Evaluation:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def per_class_scores(labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+def per_class_scores(labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
     n = len(CLASS_NAMES)
     confusion = np.zeros((n, n), np.int64)
     np.add.at(confusion, (labels, predicted), 1)

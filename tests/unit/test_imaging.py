@@ -1,5 +1,5 @@
 """fmnist.imaging: every error code with real bytes, every mode and format, the inversion rule;
-and its fast path for greyscale PNGs (fmnist.png), against Pillow's path."""
+and its fast path for greyscale PNGs (fmnist.imaging.png), against Pillow's path."""
 
 from __future__ import annotations
 
@@ -512,7 +512,7 @@ def test_sample_images_are_the_recorded_test_images(test_split: data.Split) -> N
         np.testing.assert_array_equal(imaging.decode(payload, CFG), test_split.images[index])
 
 
-# --- the PNG fast path (fmnist.png) ---------------------------------------------------------
+# --- the PNG fast path (fmnist.imaging.png) ---------------------------------------------------------
 
 ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
          (1, 0, 2, 1))  # (top, left, row step, column step) of each interlace pass
