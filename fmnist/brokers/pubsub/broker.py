@@ -27,6 +27,11 @@ log = logging.getLogger("fmnist.brokers.pubsub")
 T = TypeVar("T")
 
 
+def default_subscription(topic: str) -> str:
+    """The subscription ``ensure_topics`` creates with a topic: ``<topic id>-sub``."""
+    return f"{topic.rsplit('/', 1)[-1]}-sub"
+
+
 class PubsubBroker:
     name = "pubsub"
 
@@ -131,7 +136,7 @@ class PubsubBroker:
                 log.info("created Pub/Sub topic %s", topic)
             except gexc.AlreadyExists:
                 pass
-            sub_id = f"{topic.rsplit('/', 1)[-1]}-sub"
+            sub_id = default_subscription(topic)
             try:
                 self.call(f"create subscription {sub_id}", subscriber.create_subscription,
                           request={"name": self.subscription_path(sub_id),
@@ -208,13 +213,15 @@ class PubsubBroker:
     def shared_subscription(self, topic: str) -> str:
         b, p = self.cfg.broker, self.cfg.pubsub
         return {b.request_topic: p.request_subscription, b.response_topic:
-                p.response_subscription, b.dlq_topic: p.dlq_subscription}.get(topic, f"{topic}-sub")
+                p.response_subscription, b.dlq_topic: p.dlq_subscription}.get(
+            topic, default_subscription(topic))
 
     def delete_topics(self, topics: list[str]) -> None:
-        """Delete these topics and their shared subscriptions; missing ones are fine."""
+        """Delete these topics and the subscriptions ``ensure_topics`` made for them; missing
+        ones are fine."""
         subscriber, publisher = self.subscriber(), self.publisher()
         for topic in topics:
-            subscription = self.subscription_path(self.shared_subscription(topic))
+            subscription = self.subscription_path(default_subscription(topic))
             try:
                 self.call(f"delete subscription of {topic}", subscriber.delete_subscription,
                           subscription=subscription)
