@@ -133,12 +133,22 @@ class ServeConfig:
     max_wait_ms: float = 2.0
     commit_every_ms: float = 100.0
     metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
     worker_id: str = ""
     log_format: str = "text"
     log_level: str = "INFO"
     threads: int = 0
     backend: str = "auto"
     compile_cache: str = "~/.cache/fmnist/jax"
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    topic: str = "fmnist_jobs"
+    events_topic: str = "fmnist_job_events"
+    dlq_topic: str = "fmnist_jobs.dlq"
+    max_job_bytes: int = 64 * 1024
+    progress_per_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     pubsub: PubsubConfig = field(default_factory=PubsubConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     @property
     def weights_path(self) -> Path:
@@ -342,6 +353,10 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
          "must be `auto`, `jax` or `tensorflow`"),
         ("serve.log_format", cfg.serve.log_format in ("text", "json"), "must be `text` or `json`"),
         ("serve.metrics_port", 0 <= cfg.serve.metrics_port <= 65535, "must be 0 (off) to 65535"),
+        ("serve.metrics_host", bool(cfg.serve.metrics_host.strip()),
+         "must name an address to listen on (0.0.0.0: every interface, 127.0.0.1: this host)"),
+        ("jobs.max_job_bytes", cfg.jobs.max_job_bytes >= 1024, "must be at least 1024"),
+        ("jobs.progress_per_s", 0 < cfg.jobs.progress_per_s <= 4, "must be in (0, 4]"),
         ("train.epochs", cfg.train.epochs >= 1, "must be at least 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be at least 1"),
         ("train.validation_split", 0.0 <= cfg.train.validation_split < 1.0, "must be in [0, 1)"),
