@@ -32,7 +32,7 @@ class MemoryBroker:
             self.topics.setdefault(topic, [])
 
     def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
-                 max_in_flight: int = 1000) -> MemoryConsumer:
+                 max_in_flight: int = 1000, max_hold_s: float | None = None) -> MemoryConsumer:
         self.ensure_topics([topic])
         start = self.committed.get((topic, group), 0) if group else (
             0 if from_beginning else len(self.topics[topic]))
@@ -41,10 +41,10 @@ class MemoryBroker:
     def producer(self) -> MemoryProducer:
         return MemoryProducer(self)
 
-    def worker_group(self) -> str:
-        return "workers"
+    def worker_group(self, topic: str | None = None) -> str:
+        return "workers" if topic is None else f"workers.{topic}"
 
-    def retained_reader(self, topic: str) -> MemoryConsumer:
+    def retained_reader(self, topic: str, max_in_flight: int = 1000) -> MemoryConsumer:
         return self.consumer(topic, from_beginning=True)
 
     def delete_topics(self, topics: list[str]) -> None:

@@ -90,7 +90,7 @@ class Broker(Protocol):
         """Create the topics (and for Pub/Sub their default subscriptions) that are missing."""
 
     def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
-                 max_in_flight: int = 1000) -> Consumer:
+                 max_in_flight: int = 1000, max_hold_s: float | None = None) -> Consumer:
         """A consumer of ``topic``.
 
         ``group`` given: a shared, committed position (Kafka consumer group, or the named Pub/Sub
@@ -100,14 +100,20 @@ class Broker(Protocol):
         ``ensure_topics`` creates ``<topic>-sub`` together with each topic.
         ``group`` None: a private reader that sees only messages published after it was created
         (or all retained ones with ``from_beginning``), used by clients waiting for answers.
+
+        ``max_hold_s``: how long a live member may hold a message it has not committed before
+        the broker gives it to another member (Kafka's ``max.poll.interval.ms``, Pub/Sub's
+        maximum lease); None keeps the adapter's default (minutes). A job worker holds its job
+        for as long as the job runs.
         """
 
     def producer(self) -> Producer: ...
 
-    def worker_group(self) -> str:
-        """The ``group`` the workers of the request topic share (from the config)."""
+    def worker_group(self, topic: str | None = None) -> str:
+        """The ``group`` the workers of ``topic`` share: for the request topic (None) the
+        configured one, for another topic (jobs) one named after it."""
 
-    def retained_reader(self, topic: str) -> Consumer:
+    def retained_reader(self, topic: str, max_in_flight: int = 1000) -> Consumer:
         """A reader of what ``topic`` holds from before it was opened. ``commit`` marks what
         was shown as handled where the broker keeps it for one reader only (Pub/Sub's shared
         subscription); ``redeliver`` leaves it for the next reader."""

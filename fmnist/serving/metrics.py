@@ -139,19 +139,20 @@ class InstrumentedBroker:
         self.broker.ensure_topics(topics)
 
     def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
-                 max_in_flight: int = 1000) -> InstrumentedConsumer:
+                 max_in_flight: int = 1000, max_hold_s: float | None = None
+                 ) -> InstrumentedConsumer:
         self.metrics.beat()
         return InstrumentedConsumer(self.broker.consumer(topic, group, from_beginning,
-                                                         max_in_flight), self.metrics)
+                                                         max_in_flight, max_hold_s), self.metrics)
 
     def producer(self) -> Producer:
         return self.broker.producer()
 
-    def worker_group(self) -> str:
-        return self.broker.worker_group()
+    def worker_group(self, topic: str | None = None) -> str:
+        return self.broker.worker_group(topic)
 
-    def retained_reader(self, topic: str) -> Consumer:
-        return self.broker.retained_reader(topic)
+    def retained_reader(self, topic: str, max_in_flight: int = 1000) -> Consumer:
+        return self.broker.retained_reader(topic, max_in_flight)
 
     def delete_topics(self, topics: list[str]) -> None:
         self.broker.delete_topics(topics)

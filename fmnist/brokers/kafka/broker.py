@@ -195,7 +195,8 @@ class KafkaBroker:
             time.sleep(0.05)  # start-up only, never on a request's path
 
     def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
-                 max_in_flight: int = 1000) -> KafkaTopicConsumer:
+                 max_in_flight: int = 1000, max_hold_s: float | None = None
+                 ) -> KafkaTopicConsumer:
         """A group member of ``group``, or a private reader of all partitions (``group`` None).
 
         ``max_in_flight`` caps how many records one ``next_batch`` hands out; Kafka has no
@@ -204,19 +205,22 @@ class KafkaBroker:
         """
         partitions = self.partitions(topic)
         consumer = KafkaTopicConsumer(self, topic, group, from_beginning, partitions,
-                                      max(1, max_in_flight))
+                                      max(1, max_in_flight), max_hold_s)
         with self._lock:
             self._consumers = [c for c in self._consumers if not c.closed] + [consumer]
         return consumer
 
-    def worker_group(self) -> str:
-        """Workers share the consumer group ``kafka.group_id``."""
-        return self.cfg.kafka.group_id
+    def worker_group(self, topic: str | None = None) -> str:
+        """Request workers share the consumer group ``kafka.group_id``; the workers of another
+        topic share ``<kafka.group_id>.<topic>``."""
+        if topic is None or topic == self.cfg.broker.request_topic:
+            return self.cfg.kafka.group_id
+        return f"{self.cfg.kafka.group_id}.{topic}"
 
-    def retained_reader(self, topic: str) -> Consumer:
+    def retained_reader(self, topic: str, max_in_flight: int = 1000) -> Consumer:
         """Kafka keeps its log: a private reader from the first retained message; it takes
         nothing away from anyone, and its commits do nothing."""
-        return self.consumer(topic, group=None, from_beginning=True)
+        return self.consumer(topic, group=None, from_beginning=True, max_in_flight=max_in_flight)
 
     def producer(self) -> KafkaTopicProducer:
         return KafkaTopicProducer(self)

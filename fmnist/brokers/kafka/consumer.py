@@ -27,8 +27,10 @@ class KafkaTopicConsumer:
     """A consumer-group member, or a private reader of every partition (``group`` None)."""
 
     def __init__(self, broker: KafkaBroker, topic: str, group: str | None, from_beginning: bool,
-                 partitions: list[int], max_records: int) -> None:
+                 partitions: list[int], max_records: int, max_hold_s: float | None = None
+                 ) -> None:
         self.broker, self.topic, self.group = broker, topic, group
+        self._max_hold_s = max_hold_s
         self.closed = False
         self._max_records = max_records
         self._starts: dict[int, int] = {}  # partition -> committed offset, until one is read
@@ -45,7 +47,7 @@ class KafkaTopicConsumer:
         k = self.broker.cfg.kafka
         with self.broker.translated(f"start a consumer of {self.topic}"):
             consumer = Consumer({**self.broker.client_config(),
-                                 **settings.consumer_config(k, self.group)})
+                                 **settings.consumer_config(k, self.group, self._max_hold_s)})
             if self.group is not None:
                 try:
                     consumer.subscribe([self.topic], on_assign=self._assigned,

@@ -66,9 +66,16 @@ def producer_config(k: KafkaConfig, timeout_ms: int) -> dict[str, Any]:
             "message.max.bytes": BROKER_MESSAGE_MAX_BYTES}
 
 
-def consumer_config(k: KafkaConfig, group: str | None) -> dict[str, Any]:
-    """A consumer's own settings: commits only by hand, never a topic created by reading."""
-    return {
+def consumer_config(k: KafkaConfig, group: str | None, max_hold_s: float | None = None
+                    ) -> dict[str, Any]:
+    """A consumer's own settings: commits only by hand, never a topic created by reading.
+
+    ``max_hold_s`` becomes ``max.poll.interval.ms`` (librdkafka allows up to a day): a member
+    that does not read again within it leaves the group and its partitions move on.
+    """
+    hold = {} if max_hold_s is None else {
+        "max.poll.interval.ms": int(min(max(max_hold_s, 1.0), 86_400.0) * 1000)}
+    return {**hold,
         # librdkafka wants a group id even for a reader that only assigns; a reader never
         # commits or subscribes, so the broker never hears of this one.
         "group.id": group or f"fmnist-reader-{uuid.uuid4().hex}",

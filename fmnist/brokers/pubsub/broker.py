@@ -150,7 +150,8 @@ class PubsubBroker:
                                   "Run the command again.") from None
 
     def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
-                 max_in_flight: int = 1000) -> PubsubConsumer:
+                 max_in_flight: int = 1000, max_hold_s: float | None = None
+                 ) -> PubsubConsumer:
         """A streaming-pull consumer of ``topic``.
 
         ``group``: the id (or full path) of the subscription to read, shared by every consumer
@@ -162,6 +163,8 @@ class PubsubBroker:
 
         ``max_in_flight``: how many received, not yet committed messages this consumer may hold
         (Pub/Sub flow control); the server waits with more until some are settled.
+        ``max_hold_s``: how long the client library keeps extending a held message's lease
+        (its own default is an hour).
         """
         if group is None:
             base = topic.rsplit("/", 1)[-1][:200]
@@ -189,7 +192,7 @@ class PubsubBroker:
             raise BrokerError(f"Pub/Sub topic {topic} does not exist.",
                               "Create it first (`broker.create_topics: true` does that on "
                               "start).") from None
-        consumer = PubsubConsumer(self, topic, path, private, max_in_flight)
+        consumer = PubsubConsumer(self, topic, path, private, max_in_flight, max_hold_s)
         with self._lock:
             self._consumers = [c for c in self._consumers if not c.closed] + [consumer]
         return consumer
@@ -200,15 +203,17 @@ class PubsubBroker:
                           self.publisher().list_topic_subscriptions, topic=self.topic_path(topic))
         return sorted(path.rsplit("/", 1)[-1] for path in pager)
 
-    def worker_group(self) -> str:
-        """Workers share the subscription ``pubsub.request_subscription``."""
-        return self.cfg.pubsub.request_subscription
+    def worker_group(self, topic: str | None = None) -> str:
+        """Request workers share the subscription ``pubsub.request_subscription``; the workers
+        of another topic share its default subscription ``<topic>-sub``."""
+        return self.shared_subscription(topic or self.cfg.broker.request_topic)
 
-    def retained_reader(self, topic: str) -> Consumer:
+    def retained_reader(self, topic: str, max_in_flight: int = 1000) -> Consumer:
         """Pub/Sub keeps no log: what a topic holds waits in its shared subscription (the
         configured one for the request, response and dead-letter topics, else ``<topic>-sub``)
         until a reader acknowledges it (``commit``)."""
-        return self.consumer(topic, group=self.shared_subscription(topic))
+        return self.consumer(topic, group=self.shared_subscription(topic),
+                             max_in_flight=max_in_flight)
 
     def shared_subscription(self, topic: str) -> str:
         b, p = self.cfg.broker, self.cfg.pubsub

@@ -28,7 +28,7 @@ class PubsubConsumer:
     """A streaming pull feeding a local buffer that ``next_batch`` drains."""
 
     def __init__(self, broker: PubsubBroker, topic: str, subscription: str, private: bool,
-                 max_in_flight: int) -> None:
+                 max_in_flight: int, max_hold_s: float | None = None) -> None:
         self.broker = broker
         self.topic = topic
         self.subscription = subscription
@@ -46,6 +46,7 @@ class PubsubConsumer:
             # default: what a worker killed with messages in hand holds up that long.
             flow_control=pubsub_v1.types.FlowControl(
                 max_messages=max_in_flight,
+                **({} if max_hold_s is None else {"max_lease_duration": max_hold_s}),
                 max_duration_per_lease_extension=broker.cfg.pubsub.ack_deadline_s),
             scheduler=ThreadScheduler(executor=self._executor))
         self._stream.add_done_callback(lambda _: self._wake())
