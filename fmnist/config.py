@@ -339,6 +339,48 @@ def load(config_file: str | Path | None = None,
     return cfg
 
 
+def with_overrides(cfg: Config, data: Mapping[str, Any], where: str) -> Config:
+    """``cfg`` with ``data`` ({section: {key: value}}, typed as JSON or YAML gives them) on top,
+    checked by the same rules as a file: an unknown key, a wrong type or a value out of range
+    is a ``ConfigError`` naming ``where`` and the key (a job's options use this)."""
+    layers: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    origins: dict[str, str] = {}
+    _apply(layers, data, where, Path.cwd(), origins=origins)
+    merged = Config(**{name: dataclasses.replace(getattr(cfg, name), **values)
+                       for name, values in layers.items()})
+    _validate(merged, origins)
+    return merged
+
+
+def user_settings(config_file: str | Path | None, flags: Mapping[str, Any],
+                  env: Mapping[str, str] | None = None,
+                  sections: tuple[str, ...] = ("train", "model")) -> dict[str, dict[str, Any]]:
+    """What the user set in ``sections`` above configs/default.yaml (a ``--config`` file,
+    ``FMNIST_*`` variables, flags), as plain data: a remote job carries these, and the job
+    worker's own config supplies the rest (its paths, its dataset)."""
+    env = os.environ if env is None else env
+    layers: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    origins: dict[str, str] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        _apply(layers, _read_yaml(path), str(path), _base_for(path, project_root()),
+               origins=origins)
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name and name != "FMNIST_HOME":
+            section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+            _apply(layers, {section: {key: value}}, f"environment variable {name}", Path.cwd(),
+                   from_text=True, origins=origins)
+    for dotted, value in flags.items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            _apply(layers, {section: {key: value}}, f"command-line option for {dotted}",
+                   Path.cwd(), origins=origins)
+    plain = as_dict(Config(**{name: SECTIONS[name](**values)
+                              for name, values in layers.items()}), mask_secrets=False)
+    return {section: {key: plain[section][key] for key in layers[section]}
+            for section in sections if layers[section]}
+
+
 def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
     """Range and choice checks that a type alone cannot express; the error names the source."""
     from fmnist.brokers import SUPPORTED

@@ -73,12 +73,18 @@ class TrainProgress:
         self.epochs_task = self.batch_task = TaskID(0)
         self.epochs = 0
 
-    def start(self, device: str, epochs: int, steps: int, summary: str) -> None:
+    def start(self, device: str, epochs: int, steps: int, summary: str,
+              initial_epoch: int = 0) -> None:
         err.print(f"Training on [bold]{device}[/]: {summary}", highlight=False)
+        if initial_epoch:
+            err.print(f"Resuming from the checkpoint of epoch {initial_epoch}/{epochs}.",
+                      highlight=False)
         self.epochs = epochs
         self.progress.start()
-        self.epochs_task = self.progress.add_task("epochs", total=epochs, stats="")
-        self.batch_task = self.progress.add_task("epoch 1", total=steps, stats="")
+        self.epochs_task = self.progress.add_task("epochs", total=epochs,
+                                                  completed=initial_epoch, stats="")
+        self.batch_task = self.progress.add_task(f"epoch {initial_epoch + 1}", total=steps,
+                                                 stats="")
 
     def batch(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         if step % 10 and step != self.progress.tasks[self.batch_task].total:
@@ -93,7 +99,10 @@ class TrainProgress:
             f"epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} "
             f"acc {logs.get('accuracy', 0):.4f}{val} ({seconds:.0f} s)", highlight=False)
         self.progress.update(self.epochs_task, completed=epoch + 1, stats=val.strip())
-        self.progress.reset(self.batch_task)
+        if epoch + 1 >= self.epochs:
+            self.progress.remove_task(self.batch_task)  # done: no empty "epoch N 0/…" bar left
+        else:
+            self.progress.reset(self.batch_task, description=f"epoch {epoch + 2}")
 
     def finish(self) -> None:
         self.progress.stop()

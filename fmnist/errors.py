@@ -72,3 +72,7 @@ class Interrupted(FmnistError):
     """The user pressed Ctrl+C or the process got SIGTERM."""
 
     exit_code = 130
+
+
+class Cancelled(Interrupted):
+    """A job stopped because someone cancelled it (`fmnist jobs cancel`)."""
