@@ -137,6 +137,93 @@ def data_cmd(
                    for c in classes])
 
 
+BrokerOption = Annotated[str | None, typer.Option(
+    "--broker", "-b", help="kafka or pubsub (serve.broker).", show_default=False)]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for answers.")]
+JobBrokerOption = Annotated[str | None, typer.Option(
+    "--broker", "-b", show_default=False,
+    help="Run as a job on a job worker over kafka or pubsub instead of here.")]
+DetachOption = Annotated[bool, typer.Option(
+    "--detach", help="With --broker: print the job id and return; `fmnist jobs watch` follows.")]
+JobTimeoutOption = Annotated[float | None, typer.Option(
+    "--timeout", help="With --broker: stop following after S seconds (the job goes on).",
+    show_default=False)]
+
+
+def run_remote(cfg: config_module.Config, kind: str, options: dict[str, Any], detach: bool,
+               timeout: float | None, as_json: bool) -> dict[str, Any] | None:
+    """Submit a job and follow it (or not, with ``detach``); the result event, or None."""
+    from fmnist import console
+    from fmnist.brokers import connect
+    from fmnist.errors import Interrupted
+    from fmnist.jobs import client as jobs
+
+    b = connect(cfg.serve.broker, cfg)
+    try:
+        b.check(cfg.broker.connect_timeout_s)
+        if detach:
+            job = jobs.submit(b, cfg, kind, options)
+            if as_json:
+                console.print_json({"job_id": job.job_id, "status": "queued"})
+            else:
+                console.info(f"Job {job.job_id} queued on {b.name}.")
+                console.out.print(job.job_id, highlight=False)
+            return None
+        view = console.JobView(b.name)
+        try:
+            return jobs.run(b, cfg, kind, options, view, timeout)
+        except KeyboardInterrupt:
+            view.detach()
+            job_id = view.job_id or "?"
+            raise Interrupted(f"Detached from job {job_id}; it goes on.",
+                              f"Re-attach: fmnist jobs watch {job_id} --broker {b.name}   "
+                              f"Stop it: fmnist jobs cancel {job_id} --broker {b.name}") from None
+    finally:
+        b.close()
+
+
+def render_job_result(result: dict[str, Any], cfg: config_module.Config, as_json: bool) -> None:
+    """A job's result as the local command prints it; its pictures saved here; exit code."""
+    from fmnist import console
+    from fmnist.jobs import client as jobs
+
+    saved = jobs.save_pictures(result, cfg.model.weights_dir)
+    error = result.get("error") or {}
+    if as_json:
+        console.print_json({k: v for k, v in result.items() if k != "pictures"}
+                           | {"pictures": {k: str(p) for k, p in saved.items()}})
+    elif result.get("status") == "succeeded" and result.get("kind") == "train":
+        model, metrics = result["model"], result["metrics"]
+        console.info(f"Job {result['job_id']} succeeded on {result.get('worker_id')}: saved "
+                     f"{model['weights']} there (version {model['version']}); "
+                     f"curve here: {saved.get('curve')}")
+        console.out.print(
+            f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs in "
+            f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} img/s)",
+            highlight=False)
+    elif result.get("status") == "succeeded":
+        render_evaluation(result["model"]["name"], result["model"]["version"],
+                          result["per_class"], result["metrics"]["accuracy"],
+                          result["metrics"]["loss"], saved.get("confusion"), saved.get("errors"))
+    else:
+        console.error(f"Job {result['job_id']} {result.get('status')}: "
+                      f"{error.get('message', 'no reason given')}", error.get("hint"))
+    if result.get("status") != "succeeded":
+        raise typer.Exit(int(error.get("exit_code") or 1))
+
+
+def render_evaluation(model: str, version: str, per_class: list[dict[str, Any]],
+                      accuracy: float, loss: float, confusion: Any, errors: Any) -> None:
+    from fmnist import console
+
+    console.table(f"{model} ({version}) on the 10k test images",
+                  ["class", "precision", "recall", "f1", "support"],
+                  [[r["class_name"], f"{r['precision']:.4f}", f"{r['recall']:.4f}",
+                    f"{r['f1']:.4f}", r["support"]] for r in per_class])
+    console.out.print(f"accuracy {accuracy:.4f}  loss {loss:.4f}", highlight=False)
+    console.info(f"Confusion matrix: {confusion}; worst mistakes: {errors}")
+
+
 @app.command("train")
 @handle_errors
 def train_cmd(
@@ -147,20 +234,41 @@ def train_cmd(
     name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
     limit: Annotated[int | None, typer.Option(
         help="Train on the first N shuffled images only (quick checks).")] = None,
+    broker: JobBrokerOption = None,
+    detach: DetachOption = False,
+    timeout: JobTimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train the CNN on the 60k training images; save weights, meta.json and a curve PNG.
+
+    With --broker it runs as a job on a job worker (`fmnist serve --jobs`), with the same
+    progress here; the train.* and model.* settings you gave travel with it.
 
     Examples:
 
         fmnist train --epochs 1 --limit 2000 --name quick
         fmnist train --config configs/train-full.yaml
+        fmnist train --broker kafka --epochs 2 --limit 3000 --name quick
+        fmnist train --broker pubsub --detach --json
     """
     from fmnist import console
     from fmnist.model import train
 
-    cfg = load_config(config, train__epochs=epochs, train__batch_size=batch_size,
-                      train__seed=seed, model__name=name, train__limit=limit)
+    flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
+             "model.name": name, "train.limit": limit}
+    cfg = load_config(config, serve__broker=broker, **{k.replace(".", "__"): v
+                                                         for k, v in flags.items()})
+    if broker is not None:
+        from fmnist.jobs.protocol import carried_options
+
+        options = carried_options("train", config_module.user_settings(config, flags))
+        if "teacher" in options.get("train", {}):  # travels as a model name (docs/jobs.md)
+            teacher = options["train"]["teacher"]
+            options["train"]["teacher"] = Path(teacher).stem if teacher else None
+        remote = run_remote(cfg, "train", options, detach, timeout, as_json)
+        if remote is not None:
+            render_job_result(remote, cfg, as_json)
+        return
     result = train.train(cfg, console.TrainProgress())
     metrics = result.meta["metrics"]
     if as_json:
@@ -174,38 +282,42 @@ def train_cmd(
         highlight=False)
 
 
-BrokerOption = Annotated[str | None, typer.Option(
-    "--broker", "-b", help="kafka or pubsub (serve.broker).", show_default=False)]
-TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for answers.")]
-
-
 @app.command("evaluate")
 @handle_errors
 def evaluate_cmd(
     config: ConfigOption = None,
     name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
+    broker: JobBrokerOption = None,
+    detach: DetachOption = False,
+    timeout: JobTimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Test accuracy, loss, per-class precision/recall/F1, confusion-matrix and mistakes PNGs.
+
+    With --broker a job worker evaluates its model of that name; the pictures come back here.
 
     Examples:
 
         fmnist evaluate
         fmnist evaluate --name fmnist-full --json
+        fmnist evaluate --broker kafka --name fmnist
     """
     from fmnist import console
     from fmnist.model import evaluate
 
-    result = evaluate.evaluate(load_config(config, model__name=name))
+    cfg = load_config(config, model__name=name, serve__broker=broker)
+    if broker is not None:
+        options = {"model": {"name": name}} if name else {}
+        remote = run_remote(cfg, "evaluate", options, detach, timeout, as_json)
+        if remote is not None:
+            render_job_result(remote, cfg, as_json)
+        return
+    result = evaluate.evaluate(cfg)
     if as_json:
         console.print_json(result.as_dict())
         return
-    console.table(f"{result.model} ({result.version}) on the 10k test images",
-                  ["class", "precision", "recall", "f1", "support"],
-                  [[r["class_name"], f"{r['precision']:.4f}", f"{r['recall']:.4f}",
-                    f"{r['f1']:.4f}", r["support"]] for r in result.per_class])
-    console.out.print(f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}", highlight=False)
-    console.info(f"Confusion matrix: {result.confusion_png}; worst mistakes: {result.errors_png}")
+    render_evaluation(result.model, result.version, result.per_class, result.accuracy,
+                      result.loss, result.confusion_png, result.errors_png)
 
 
 @app.command("predict")
@@ -260,13 +372,18 @@ def serve_cmd(
         help="Serve /metrics, /healthz, /readyz, /status on this port (serve.metrics_port).")] = None,
     reload: Annotated[bool, typer.Option(
         "--reload", help="Hot-reload the weights file when it changes (SIGHUP also reloads).")] = False,
+    jobs: Annotated[bool, typer.Option(
+        "--jobs", help="Be a job worker: run train and evaluate jobs, one at a time.")] = False,
 ) -> None:
     """Serve predictions: consume requests, predict in micro-batches, publish answers.
+
+    With --jobs, run training and evaluation jobs from the jobs topic instead (docs/jobs.md).
 
     Examples:
 
         fmnist serve --broker kafka --metrics-port 9100
         fmnist serve --broker pubsub --reload --quiet --log-format json
+        fmnist serve --broker kafka --jobs
     """
     from fmnist.serving import serve
 
@@ -275,6 +392,11 @@ def serve_cmd(
                       kafka__bootstrap_servers=bootstrap_servers, kafka__group_id=group_id,
                       serve__log_format=log_format, serve__log_level=log_level,
                       serve__metrics_port=metrics_port)
+    if jobs:
+        from fmnist.jobs.worker import serve_jobs
+
+        serve_jobs(cfg)
+        return
     serve.serve(cfg, live_status=not quiet, reload=reload)
 
 
@@ -456,6 +578,145 @@ def dlq_cmd(
                   ["request_id", "code", "message", "source", "worker_id"],
                   [[r["request_id"], r["code"], r["message"], r["source"], r["worker_id"]]
                    for r in records])
+
+
+jobs_app = typer.Typer(help="Training and evaluation jobs: list, watch and cancel them.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+def job_broker(config: Path | None, broker: str | None) -> tuple[config_module.Config, Any]:
+    from fmnist.brokers import connect
+
+    cfg = load_config(config, serve__broker=broker)
+    b = connect(cfg.serve.broker, cfg)
+    try:
+        b.check(cfg.broker.connect_timeout_s)
+    except BaseException:
+        b.close()
+        raise
+    return cfg, b
+
+
+@jobs_app.command("list")
+@handle_errors
+def jobs_list_cmd(broker: BrokerOption = None, config: ConfigOption = None,
+                  as_json: JsonOption = False) -> None:
+    """Every job the events topic holds: status, who, when, where, how long.
+
+    Examples:
+
+        fmnist jobs list --broker kafka
+        fmnist jobs list --broker pubsub --json
+    """
+    import time
+
+    from fmnist import console
+    from fmnist.jobs import client as jobs
+
+    cfg, b = job_broker(config, broker)
+    try:
+        states = jobs.jobs(b, cfg)
+    finally:
+        b.close()
+    if as_json:
+        console.print_json([s.as_dict() for s in states])
+        return
+
+    def when(t: float | None) -> str:
+        return time.strftime("%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    console.table(f"{len(states)} job(s) on {cfg.serve.broker}",
+                  ["job", "kind", "status", "by", "submitted", "worker", "attempts", "epochs",
+                   "seconds", "result"],
+                  [[s.job_id, s.kind or "-", s.status + (" (cancel requested)" if
+                                                          s.cancel_requested and not s.ended
+                                                          else ""),
+                    s.submitted_by or "-", when(s.submitted_at), s.worker_id or "-", s.attempts,
+                    f"{s.epoch or 0}/{s.epochs}" if s.epochs else "-",
+                    s.duration_s() if s.duration_s() is not None else "-", job_summary(s.result)]
+                   for s in states], no_wrap=("job", "status"))
+
+
+def job_summary(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "-"
+    metrics = result.get("metrics") or {}
+    if result.get("status") == "succeeded":
+        accuracy = metrics.get("test_accuracy", metrics.get("accuracy"))
+        model = result.get("model") or {}
+        return f"{model.get('name')}@{model.get('version')} acc {accuracy:.4f}"
+    return f"{(result.get('error') or {}).get('code')}"
+
+
+@jobs_app.command("watch")
+@handle_errors
+def jobs_watch_cmd(
+    job_id: Annotated[str, typer.Argument(help="The job's id (from `fmnist jobs list`).")],
+    broker: BrokerOption = None, config: ConfigOption = None, timeout: JobTimeoutOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-attach to a job: its events so far, then live until its result (exit as the job).
+
+    Examples:
+
+        fmnist jobs watch job-20261204-101500-a1b2c3 --broker kafka
+        fmnist jobs watch job-20261204-101500-a1b2c3 --broker pubsub --json
+    """
+    from fmnist import console
+    from fmnist.errors import Interrupted
+    from fmnist.jobs import client as jobs
+
+    cfg, b = job_broker(config, broker)
+    view = console.JobView(b.name)
+
+    def on_event(e: dict[str, Any]) -> None:
+        if as_json:  # one JSON line per event, pictures left out
+            console.print_json_line({k: v for k, v in e.items() if k != "pictures"})
+        else:
+            view(e)
+
+    try:
+        result = jobs.watch(b, cfg, job_id, on_event, timeout)
+    except KeyboardInterrupt:
+        view.detach()
+        raise Interrupted(f"Stopped watching job {job_id}; it goes on.",
+                          f"Re-attach: fmnist jobs watch {job_id} --broker {b.name}") from None
+    finally:
+        b.close()
+    if as_json:
+        jobs.save_pictures(result, cfg.model.weights_dir)
+        if result.get("status") != "succeeded":
+            raise typer.Exit(int((result.get("error") or {}).get("exit_code") or 1))
+        return
+    render_job_result(result, cfg, as_json=False)
+
+
+@jobs_app.command("cancel")
+@handle_errors
+def jobs_cancel_cmd(
+    job_id: Annotated[str, typer.Argument(help="The job's id (from `fmnist jobs list`).")],
+    broker: BrokerOption = None, config: ConfigOption = None, as_json: JsonOption = False,
+) -> None:
+    """Cancel a job: a queued one never starts, a running one stops at its next batch.
+
+    Examples:
+
+        fmnist jobs cancel job-20261204-101500-a1b2c3 --broker kafka
+    """
+    from fmnist import console
+    from fmnist.jobs import client as jobs
+
+    cfg, b = job_broker(config, broker)
+    try:
+        state = jobs.cancel(b, cfg, job_id)
+    finally:
+        b.close()
+    if as_json:
+        console.print_json({"job_id": job_id, "status": state.status, "cancel_requested": True})
+        return
+    console.info(f"Cancel requested for job {job_id} ({state.status}); its result will say "
+                 f"cancelled. Follow it: fmnist jobs watch {job_id} --broker {cfg.serve.broker}")
 
 
 def main() -> None:

@@ -52,11 +52,14 @@ def info(message: str) -> None:
     err.print(message, highlight=False)
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+          no_wrap: Sequence[str] = ()) -> None:
+    """``no_wrap``: columns never cut or wrapped (ids a user copies)."""
     t = Table(title=title, title_justify="left")
     for column in columns:
-        t.add_column(column, justify="right" if column[:1].islower() and column in (
-            "confidence", "precision", "recall", "f1", "support", "images", "count") else "left")
+        t.add_column(column, no_wrap=column in no_wrap, justify="right" if column in (
+            "confidence", "precision", "recall", "f1", "support", "images", "count",
+            "attempts", "seconds") else "left")
     for row in rows:
         t.add_row(*(str(c) for c in row))
     out.print(t)
@@ -65,7 +68,10 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
 class TrainProgress:
     """Rich display for training: an epoch bar and a batch bar with loss, accuracy and ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, redraw_every: int = 10) -> None:
+        # A local run redraws every 10th batch: redrawing every batch costs more than the
+        # batch on a small model. Progress events arrive a few a second: draw each.
+        self.redraw_every = redraw_every
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -87,8 +93,8 @@ class TrainProgress:
                                                  stats="")
 
     def batch(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        if step % 10 and step != self.progress.tasks[self.batch_task].total:
-            return  # redrawing every batch costs more than the batch on a small model
+        if step % self.redraw_every and step != self.progress.tasks[self.batch_task].total:
+            return
         self.progress.update(self.batch_task, completed=step, description=f"epoch {epoch + 1}",
                              stats=f"loss {logs.get('loss', 0):.4f} acc {logs.get('accuracy', 0):.4f}")
 
@@ -152,3 +158,74 @@ class ServeStatus:
 
     def stop(self) -> None:
         self.live.stop()
+
+
+class JobView:
+    """A job's events rendered as a local run looks: a line per stage, the same epoch and
+    batch bars (from progress events), and what an interruption and a resumption were."""
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.bars: TrainProgress | None = None
+        self.attempt_worker: str | None = None
+        self.running = False
+        self.job_id: str | None = None
+
+    def detach(self) -> None:
+        """Ctrl+C: leave the bars where they are, on their own lines."""
+        self._close_bars()
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        kind, job = e["type"], e["job_id"]
+        self.job_id = job
+        if kind == "submitted":
+            who = e.get("submitted_by") or "?"
+            info(f"Job {job} ({e.get('kind')}) queued on {self.broker} by {who}; "
+                 "Ctrl+C detaches, the job goes on.")
+        elif kind == "started":
+            if self.running:  # started again with no result in between: its worker died
+                self._close_bars()
+                info(f"[yellow]Job interrupted[/] on {self.attempt_worker}: its worker stopped "
+                     "without a result; the broker delivered the job again.")
+            resumed = e.get("resumed_from_epoch")
+            info(f"Started on job worker {e.get('worker_id')} (attempt {e.get('attempt', 1)})"
+                 + (f", resuming after epoch {resumed}" if resumed else "") + ".")
+            self.running, self.attempt_worker = True, e.get("worker_id")
+        elif kind == "progress":
+            self._progress(e)
+        elif kind == "epoch" and self.bars is not None:
+            self.bars.epoch(int(e["epoch"]), _numbers(e.get("logs")), float(e.get("seconds", 0)))
+        elif kind == "interrupted":
+            self._close_bars()
+            self.running = False
+            info(f"[yellow]Job interrupted[/] on {e.get('worker_id')} ({e.get('reason')}); it "
+                 "waits for a job worker and resumes from its last completed epoch.")
+        elif kind == "cancel_requested":
+            info(f"Cancel requested by {e.get('requested_by')}.")
+        elif kind == "result":
+            self._close_bars()
+            self.running = False
+
+    def _progress(self, e: dict[str, Any]) -> None:
+        phase = e.get("phase")
+        if phase == "setup":
+            self._close_bars()
+            self.bars = TrainProgress(redraw_every=1)
+            self.bars.start(str(e.get("device")), int(e["epochs"]), int(e["steps"]),
+                            str(e.get("summary")), int(e.get("initial_epoch") or 0))
+        elif phase == "fit" and self.bars is not None:
+            self.bars.batch(int(e["epoch"]), int(e["step"]), _numbers(e.get("logs")))
+        elif phase == "testing":
+            self._close_bars()
+            info("Testing, calibrating and saving the model on the job worker.")
+        elif phase == "evaluating":
+            info(f"Evaluating {e.get('model')} on the 10k test images.")
+
+    def _close_bars(self) -> None:
+        if self.bars is not None:
+            self.bars.finish()
+            self.bars = None
+
+
+def _numbers(logs: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}

@@ -116,6 +116,15 @@ def parse_job(message: Message, max_bytes: int) -> Job:
                float(body.get("submitted_at") or time.time()))
 
 
+def carried_options(kind: str, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Of what a user set locally, what a ``kind`` job carries: the others (paths, the
+    broker) describe the submitting machine, not the job."""
+    allowed = ALLOWED[kind]
+    carried = {section: {k: v for k, v in values.items() if k in allowed.get(section, ())}
+               for section, values in settings.items()}
+    return {section: values for section, values in carried.items() if values}
+
+
 def job_config(base: Config, job: Job) -> Config:
     """The job worker's config with the job's options on top, checked by the config's own
     rules; anything a job may not set is refused by name (``JobRejected``)."""
@@ -153,9 +162,9 @@ def job_config(base: Config, job: Job) -> Config:
                           "Fix the option and submit the job again.") from None
 
 
-def event(job_id: str, kind: str, **fields: Any) -> dict[str, Any]:
+def event(job_id: str, event_type: str, **fields: Any) -> dict[str, Any]:
     return {"schema": EVENT_SCHEMA, "event_id": uuid.uuid4().hex[:16], "job_id": job_id,
-            "type": kind, "time": round(time.time(), 3), **fields}
+            "type": event_type, "time": round(time.time(), 3), **fields}
 
 
 def event_message(topic: str, body: dict[str, Any]) -> OutMessage:

@@ -2,7 +2,9 @@
 
     /metrics   Prometheus text format
     /healthz   200 while the serve loop is alive (it turns red when the loop is stuck)
-    /readyz    200 when the model is warm and the broker is connected (assignment held)
+    /readyz    200 when requests sent now will be answered: the loop alive, the model loaded,
+               the broker connected and, as far as the consumer knows, reachable, and no
+               answers waiting on the broker for longer than ``CONFIRM_OVERDUE_S``
     /status    JSON summary, read by `fmnist status`
 
 Histograms are in seconds, as Prometheus conventions ask. Per-batch figures come from a Worker
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,10 +32,14 @@ from prometheus_client import (
 )
 
 from fmnist.brokers import Broker, Consumer, LagReporting, Message, Producer
+from fmnist.errors import ConfigError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
+# A broker confirms a batch's answers in milliseconds; one that has not for this long is not
+# answering (the wait itself ends only at the send's 30 s timeout).
+CONFIRM_OVERDUE_S = 5.0
 LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: see its lag())
 
 log = logging.getLogger("fmnist.serving.metrics")
@@ -190,6 +197,11 @@ class InstrumentedConsumer:
         finally:
             self._hold(-len(messages))
 
+    def outage(self) -> str | None:
+        """The consumer's own report (``worker.OutageReporting``); None from one without."""
+        report = getattr(self.consumer, "outage", None)
+        return report() if report is not None else None
+
     def close(self) -> None:
         self._hold(-self.held)
         self.metrics.lag.clear()
@@ -214,6 +226,10 @@ class InstrumentedConsumer:
             self._lag_at = 0.0  # yet): ask again at the next batch, not a second later
 
 
+class _HTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # serve.metrics_host is an IPv6 address ("::", "::1")
+
+
 class HealthServer:
     """Serves /metrics, /healthz, /readyz and /status for one worker, in a daemon thread."""
 
@@ -234,7 +250,16 @@ class HealthServer:
             def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        server_class = _HTTPServer6 if ":" in host else ThreadingHTTPServer
+        try:
+            self.httpd = server_class((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(f"The metrics endpoint cannot listen on {host}:{port}: "
+                              f"{exc.strerror or exc}.",
+                              "Choose a free port (`--metrics-port` / FMNIST_SERVE__METRICS_PORT) "
+                              "and an address of this machine (`serve.metrics_host` / "
+                              "FMNIST_SERVE__METRICS_HOST: 0.0.0.0 every interface, "
+                              "127.0.0.1 this machine only).") from None
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="health",
                                        daemon=True)
@@ -252,14 +277,30 @@ class HealthServer:
         last = max(self.worker.stats.last_loop, self.metrics.last_beat)
         return time.monotonic() - last < STUCK_AFTER_S
 
+    def unready(self) -> str | None:
+        """Why requests sent now would not be answered, or None: the worker is ready."""
+        s = self.worker.stats
+        if not self.alive():
+            return "serve loop stuck"
+        if not self.metrics.model:
+            return "model not loaded"
+        if s.broker_state != "connected":
+            return s.broker_state
+        since = s.confirming_since  # read once: the serve loop resets it
+        if since is not None and (waited := time.monotonic() - since) > CONFIRM_OVERDUE_S:
+            return f"the broker has not confirmed answers sent {waited:.0f} s ago"
+        return None
+
     def ready(self) -> bool:
-        return self.alive() and self.worker.stats.broker_state == "connected"
+        return self.unready() is None
 
     def status(self) -> dict[str, Any]:
         s = self.worker.stats
+        unready = self.unready()
         return {
             "worker_id": self.worker.worker_id, "broker": self.metrics.broker,
-            "broker_state": s.broker_state, "alive": self.alive(), "ready": self.ready(),
+            "broker_state": s.broker_state, "alive": self.alive(), "ready": unready is None,
+            "not_ready_because": unready,
             "model": self.metrics.model,
             "processed": s.processed, "ok": s.ok, "errors": s.errors, "batches": s.batches,
             "rate_per_s": round(s.rate(), 2), "error_codes": s.error_codes,
@@ -273,9 +314,9 @@ class HealthServer:
             ok = self.alive()
             return (200 if ok else 503), "text/plain", b"ok\n" if ok else b"serve loop stuck\n"
         if path == "/readyz":
-            ok = self.ready()
-            return ((200 if ok else 503), "text/plain",
-                    b"ready\n" if ok else f"not ready: {self.worker.stats.broker_state}\n".encode())
+            unready = self.unready()
+            return ((200, "text/plain", b"ready\n") if unready is None
+                    else (503, "text/plain", f"not ready: {unready}\n".encode()))
         if path == "/status":
             return 200, "application/json", json.dumps(self.status()).encode()
         return 404, "text/plain", b"not found: try /metrics, /healthz, /readyz, /status\n"

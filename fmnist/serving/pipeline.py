@@ -57,6 +57,10 @@ class Stats:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     error_codes: dict[str, int] = field(default_factory=dict)
     last_loop: float = field(default_factory=time.monotonic)
+    # time.monotonic() since when the loop waits for the broker to confirm a batch's answers
+    # (None: not waiting). Readiness reads it: a broker that stopped answering mid-batch keeps
+    # the loop in that wait, where the consumer's own connection reports are not served.
+    confirming_since: float | None = None
 
     def rate(self) -> float:
         return self.processed / max(time.monotonic() - self.started, 1e-9)
@@ -163,11 +167,14 @@ class Pipeline:
         for redelivery with every batch after it (BrokerError is raised)."""
         while len(self._in_flight) > keep:
             batch = self._in_flight[0]
+            self.stats.confirming_since = time.monotonic()
             try:
                 batch.confirmation.wait()
             except BrokerError:
                 self._hand_back(consumer, [])
                 raise
+            finally:
+                self.stats.confirming_since = None
             self._in_flight.popleft()
             self._confirmed.extend(batch.messages)
             if self._commit_due is None:

@@ -57,9 +57,11 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     worker.observers.append(metrics.observe)
     health = None
     if cfg.serve.metrics_port:
-        health = HealthServer(cfg.serve.metrics_port, worker, metrics).start()
-        log.info("metrics and health on http://127.0.0.1:%d/metrics (/healthz, /readyz, /status)",
-                 health.port)
+        host = cfg.serve.metrics_host
+        health = HealthServer(cfg.serve.metrics_port, worker, metrics, host=host).start()
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where a local client asks
+        log.info("metrics and health on http://%s:%d/metrics (/healthz, /readyz, /status), "
+                 "listening on %s", shown if ":" not in shown else f"[{shown}]", health.port, host)
 
     def swap(new: Predictor) -> None:
         handler.predictor = new  # the loop reads it once per batch

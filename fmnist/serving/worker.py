@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from typing import Protocol, runtime_checkable
 
 from fmnist.brokers import Broker, Consumer, Producer
 from fmnist.config import Config
@@ -21,6 +22,17 @@ from fmnist.serving.pipeline import Observer, Pipeline, Stats
 
 log = logging.getLogger("fmnist.serving.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
+
+
+@runtime_checkable
+class OutageReporting(Protocol):
+    """A consumer that knows when its broker cannot be reached although nothing has failed yet:
+    an idle consumer only waits, and its client library reconnects on its own, so no call of
+    ours raises while the broker is down. The Kafka and Pub/Sub consumers implement it."""
+
+    def outage(self) -> str | None:
+        """Why requests sent now would not be answered (the broker unreachable, the
+        subscription gone), or None when nothing says so. Cheap: called every loop turn."""
 
 
 def default_worker_id() -> str:
@@ -44,6 +56,7 @@ class Worker:
         # (runtime.freeze_heap, docs/decisions.md#gc-freeze), again after each hot reload.
         self._freeze_heap = freeze_heap
         self._frozen_with: object = None
+        self._outage: str | None = None  # the last outage() the consumer reported
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -82,6 +95,7 @@ class Worker:
 
     def _connect(self) -> tuple[Consumer, Producer]:
         self.stats.broker_state = "connecting"
+        self._outage = None  # a new consumer starts with nothing known against it
         broker, routes = self.broker, self.cfg.broker
         broker.check(routes.connect_timeout_s)
         if routes.create_topics:
@@ -95,8 +109,25 @@ class Worker:
     def serve_once(self, consumer: Consumer, producer: Producer) -> int:
         """One turn of the pipeline (``Pipeline.turn``); returns the new batch's size."""
         received = self.pipeline.turn(consumer, producer)
+        self._note_outage(consumer)
         self._maybe_freeze_heap()
         return received
+
+    def _note_outage(self, consumer: Consumer) -> None:
+        """Keep ``stats.broker_state`` (what /readyz and the status line show) in step with what
+        the consumer knows of its broker; log the changes, not every turn."""
+        report = getattr(consumer, "outage", None)  # see OutageReporting; getattr: every turn
+        outage = report() if report is not None else None
+        if outage == self._outage:
+            return
+        if outage is None:
+            log.info("broker reachable again: ready")
+            self.stats.broker_state = "connected"
+        else:
+            if self._outage is None:
+                log.warning("broker unreachable (%s): not ready until it is back", outage)
+            self.stats.broker_state = f"unreachable: {outage}"
+        self._outage = outage
 
     def flush(self, consumer: Consumer, producer: Producer) -> None:
         """Answer the batch prepared, then confirm and commit everything sent."""

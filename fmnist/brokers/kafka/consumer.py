@@ -3,6 +3,7 @@ every partition."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from fmnist.brokers.kafka.broker import KafkaBroker
 
 log = logging.getLogger("fmnist.brokers.kafka")
+# How often a group member's librdkafka reports the state of its broker connections (``outage``
+# reads it); a report is ~4 KB of JSON, parsed on the reading thread.
+STATS_EVERY_MS = 1000
 
 
 def _names(partitions: list[Any]) -> str:
@@ -34,6 +38,7 @@ class KafkaTopicConsumer:
         self.closed = False
         self._max_records = max_records
         self._starts: dict[int, int] = {}  # partition -> committed offset, until one is read
+        self._outage: str | None = None  # see ``outage``
         self._consumer: Any = None
         try:
             self._consumer = self._connect()
@@ -45,9 +50,13 @@ class KafkaTopicConsumer:
 
     def _connect(self) -> Any:
         k = self.broker.cfg.kafka
+        conf = {**self.broker.client_config(),
+                **settings.consumer_config(k, self.group, self._max_hold_s)}
+        if self.group is not None:  # a worker: it watches its connections (``outage``)
+            conf.update({"error_cb": self._client_error, "stats_cb": self._connections,
+                         "statistics.interval.ms": STATS_EVERY_MS})
         with self.broker.translated(f"start a consumer of {self.topic}"):
-            consumer = Consumer({**self.broker.client_config(),
-                                 **settings.consumer_config(k, self.group, self._max_hold_s)})
+            consumer = Consumer(conf)
             if self.group is not None:
                 try:
                     consumer.subscribe([self.topic], on_assign=self._assigned,
@@ -56,6 +65,33 @@ class KafkaTopicConsumer:
                     consumer.close()
                     raise
         return consumer
+
+    def outage(self) -> str | None:
+        """Why this group member cannot reach Kafka now, or None.
+
+        Set by librdkafka's reports, served on the reading thread by ``next_batch``: a client
+        error that every broker is down or a connection failed, or a fetch that failed for the
+        same reasons; cleared by its next statistics (every ``STATS_EVERY_MS``) that show a
+        broker connection up. librdkafka reconnects by itself, so nothing else would tell a
+        waiting consumer that Kafka went away, or came back.
+        """
+        return self._outage
+
+    def _client_error(self, err: KafkaError) -> None:
+        errors.client_error(err)
+        if err.code() in errors.UNREACHABLE:
+            self._outage = f"Kafka at {self.broker.address}: {err.str()}"
+
+    def _connections(self, report: str) -> None:
+        try:
+            brokers = json.loads(report).get("brokers", {}).values()
+        except ValueError:  # librdkafka writes valid JSON; never let a report stop the reading
+            return
+        known = [b for b in brokers if b.get("source") != "internal"]
+        if any(b.get("state") == "UP" for b in known):
+            self._outage = None
+        elif known and self._outage is None:
+            self._outage = f"Kafka at {self.broker.address}: no broker connection is up"
 
     def _assigned(self, _consumer: Any, partitions: list[Any]) -> None:
         self._starts.clear()  # see ``lag``
@@ -120,6 +156,8 @@ class KafkaTopicConsumer:
         makes a new one); the rest librdkafka retries on its own."""
         if err.fatal() or err.code() in errors.NO_TOPIC:
             raise self.broker.error(f"read {self.topic}", KafkaException(err))
+        if err.code() in errors.UNREACHABLE | errors.TIMEOUTS:
+            self._outage = f"Kafka at {self.broker.address}: reading {self.topic}: {err.str()}"
         log.warning("Kafka consumer of %s: %s: %s", self.topic, err.name(), err.str())
 
     def _message(self, r: Any, now: float) -> Message:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from fmnist.brokers.pubsub.broker import PubsubBroker
 
 log = logging.getLogger("fmnist.brokers.pubsub")
+VERIFY_EVERY_S = 1.0  # how often a consumer back from an outage asks for its subscription
 
 
 class PubsubConsumer:
@@ -50,6 +52,60 @@ class PubsubConsumer:
                 max_duration_per_lease_extension=broker.cfg.pubsub.ack_deadline_s),
             scheduler=ThreadScheduler(executor=self._executor))
         self._stream.add_done_callback(lambda _: self._wake())
+        self._outage: str | None = None  # see ``outage``
+        self._verifying = False
+        self._stopped = threading.Event()  # set by close: ends a verification under way
+        self._channel: Any = None
+        if not private:  # a worker: it watches its connection (``outage``)
+            self._channel = getattr(self._client.transport, "grpc_channel", None)
+            if self._channel is not None:
+                self._channel.subscribe(self._connectivity, try_to_connect=False)
+
+    def outage(self) -> str | None:
+        """Why this consumer cannot receive requests now, or None.
+
+        The streaming pull retries an unreachable server for ever, so nothing fails while
+        Pub/Sub is away; the gRPC channel's connectivity says so instead: a failed connection
+        (TRANSIENT_FAILURE) is an outage. A connection that is back is not enough: an emulator
+        that restarted has forgotten every subscription, and a request published before the
+        worker has made its subscription again would be dropped. So once the channel is READY
+        again the outage lasts until a GetSubscription answers (every ``VERIFY_EVERY_S``); when
+        the subscription is gone, until the stream fails and the worker makes a new consumer.
+        """
+        if self._stream.done() and not self.closed:
+            return f"the streaming pull from {self.subscription} stopped"
+        return self._outage
+
+    def _connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        """gRPC's connectivity callback (its own thread)."""
+        if self.closed:
+            return
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            self._outage = f"Pub/Sub at {self.broker.address} is not reachable"
+        elif state is grpc.ChannelConnectivity.READY and self._outage is not None:
+            with self._ready:
+                if self._verifying:
+                    return
+                self._verifying = True
+            threading.Thread(target=self._verify, name="fmnist-pubsub-verify",
+                             daemon=True).start()
+
+    def _verify(self) -> None:
+        try:
+            while self._outage is not None and not self._stopped.is_set():
+                try:
+                    self._client.get_subscription(subscription=self.subscription, retry=None,
+                                                  timeout=2 * VERIFY_EVERY_S)
+                except gexc.NotFound:
+                    self._outage = f"Pub/Sub subscription {self.subscription} no longer exists"
+                    return
+                except (gexc.GoogleAPICallError, gexc.RetryError):
+                    self._stopped.wait(VERIFY_EVERY_S)
+                    continue
+                self._outage = None
+        finally:
+            with self._ready:
+                self._verifying = False
 
     def _arrived(self, message: Any) -> None:
         with self._ready:
@@ -149,6 +205,9 @@ class PubsubConsumer:
         with self._ready:
             self.closed = True
             self._ready.notify_all()
+        self._stopped.set()
+        if self._channel is not None:
+            self._channel.unsubscribe(self._connectivity)
         self._stream.cancel()
         try:
             self._stream.result(timeout=settings.CLOSE_TIMEOUT_S)
