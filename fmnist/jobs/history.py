@@ -13,39 +13,40 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fmnist.brokers.base import Broker, Consumer, Message
+from fmnist.brokers.base import Broker, Consumer
 from fmnist.jobs.protocol import FINAL, parse_event
 
 QUIET_S = 0.5  # the history is read once nothing more arrives for this long
-MAX_HISTORY = 200_000  # events held at once while reading (Pub/Sub flow control)
+MAX_HISTORY = 10_000  # events a reader may have in hand at once (Pub/Sub flow control)
 
 
 def read(broker: Broker, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """Every event the topic holds now, oldest first.
 
-    On Pub/Sub the reader holds the history subscription's messages while it reads (well under
-    a second for thousands of events) and gives them all back; a second reader at that very
-    moment sees only what was not held.
+    Reading takes nothing away: each batch is given back as soon as it is read (on Pub/Sub a
+    nack, so the history subscription delivers it again, to this reader or to another one
+    reading at the same time), and the reader stops once nothing it has not seen arrives for
+    ``QUIET_S`` (docs/decisions.md#job-history).
     """
     reader = broker.retained_reader(topic, max_in_flight=MAX_HISTORY)
-    held: list[Message] = []
+    seen: set[str] = set()
     events: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + timeout_s
-        last = time.monotonic()
+        last_new = time.monotonic()
         while time.monotonic() < deadline:
             batch = reader.next_batch(1000, timeout_s=0.1)
             if batch:
-                held.extend(batch)
-                events.extend(e for m in batch if (e := parse_event(m)) is not None)
-                last = time.monotonic()
-            elif time.monotonic() - last >= QUIET_S:
+                reader.redeliver(batch)  # only looking
+                fresh = [m for m in batch if m.source_id not in seen]
+                if fresh:
+                    seen.update(m.source_id for m in fresh)
+                    events.extend(e for m in fresh if (e := parse_event(m)) is not None)
+                    last_new = time.monotonic()
+            if time.monotonic() - last_new >= QUIET_S:
                 break
     finally:
-        try:
-            reader.redeliver(held)  # only looking: the history stays for the next reader
-        finally:
-            reader.close()
+        reader.close()
     return ordered(events)
 
 
