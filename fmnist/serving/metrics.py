@@ -3,8 +3,8 @@
     /metrics   Prometheus text format
     /healthz   200 while the serve loop is alive (it turns red when the loop is stuck)
     /readyz    200 when requests sent now will be answered: the loop alive, the model loaded,
-               the broker connected and, as far as the consumer knows, reachable, and no
-               answers waiting on the broker for longer than ``CONFIRM_OVERDUE_S``
+               the broker connected and, as far as the consumer knows, reachable, and the
+               loop not waiting on the broker for longer than ``BROKER_WAIT_OVERDUE_S``
     /status    JSON summary, read by `fmnist status`
 
 Histograms are in seconds, as Prometheus conventions ask. Per-batch figures come from a Worker
@@ -37,9 +37,9 @@ from fmnist.errors import ConfigError
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STUCK_AFTER_S = 30.0  # the loop polls at least every 0.2 s; 30 s silent means it is stuck
-# A broker confirms a batch's answers in milliseconds; one that has not for this long is not
-# answering (the wait itself ends only at the send's 30 s timeout).
-CONFIRM_OVERDUE_S = 5.0
+# A broker confirms a batch's answers, or a commit, in milliseconds; one that has not for this
+# long is not answering (the wait itself ends at the send's 30 s timeout, a commit's later).
+BROKER_WAIT_OVERDUE_S = 5.0
 LAG_EVERY_S = 1.0  # how often the serve loop asks its consumer for lag (cheap: see its lag())
 
 log = logging.getLogger("fmnist.serving.metrics")
@@ -282,13 +282,13 @@ class HealthServer:
         s = self.worker.stats
         if not self.alive():
             return "serve loop stuck"
-        if not self.metrics.model:
-            return "model not loaded"
         if s.broker_state != "connected":
             return s.broker_state
-        since = s.confirming_since  # read once: the serve loop resets it
-        if since is not None and (waited := time.monotonic() - since) > CONFIRM_OVERDUE_S:
-            return f"the broker has not confirmed answers sent {waited:.0f} s ago"
+        since = s.broker_wait_since  # read once: the serve loop resets it
+        if since is not None and (waited := time.monotonic() - since) > BROKER_WAIT_OVERDUE_S:
+            return f"waiting {waited:.0f} s for the broker to confirm answers or a commit"
+        if not self.metrics.model:
+            return "model not loaded"
         return None
 
     def ready(self) -> bool:

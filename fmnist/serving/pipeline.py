@@ -57,10 +57,10 @@ class Stats:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     error_codes: dict[str, int] = field(default_factory=dict)
     last_loop: float = field(default_factory=time.monotonic)
-    # time.monotonic() since when the loop waits for the broker to confirm a batch's answers
-    # (None: not waiting). Readiness reads it: a broker that stopped answering mid-batch keeps
-    # the loop in that wait, where the consumer's own connection reports are not served.
-    confirming_since: float | None = None
+    # time.monotonic() since when the loop waits on the broker (a batch's answers confirmed, a
+    # commit), None while it does not. Readiness reads it: a broker that stops answering during
+    # such a wait holds the loop there, where the consumer's own reports are not served.
+    broker_wait_since: float | None = None
 
     def rate(self) -> float:
         return self.processed / max(time.monotonic() - self.started, 1e-9)
@@ -167,14 +167,14 @@ class Pipeline:
         for redelivery with every batch after it (BrokerError is raised)."""
         while len(self._in_flight) > keep:
             batch = self._in_flight[0]
-            self.stats.confirming_since = time.monotonic()
+            self.stats.broker_wait_since = time.monotonic()
             try:
                 batch.confirmation.wait()
             except BrokerError:
                 self._hand_back(consumer, [])
                 raise
             finally:
-                self.stats.confirming_since = None
+                self.stats.broker_wait_since = None
             self._in_flight.popleft()
             self._confirmed.extend(batch.messages)
             if self._commit_due is None:
@@ -205,7 +205,11 @@ class Pipeline:
                 or time.monotonic() >= (self._commit_due or 0.0)):
             return
         confirmed, self._confirmed, self._commit_due = self._confirmed, [], None
-        consumer.commit(confirmed)
+        self.stats.broker_wait_since = time.monotonic()
+        try:
+            consumer.commit(confirmed)
+        finally:
+            self.stats.broker_wait_since = None
 
     def _hand_back(self, consumer: Consumer, messages: list[Message]) -> None:
         """Never commit what was not answered: redeliver these, every batch in flight and the

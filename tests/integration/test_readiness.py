@@ -10,6 +10,7 @@ The figures (seconds to 503 after the stop, to 200 after the start) are printed;
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -83,8 +84,11 @@ class Watched:
             assert self.healthz() == 200 or starting, self.tail()
             return self.readyz()[0] == code
 
-        poll_until(reached, timeout, interval=0.1,
-                   message=f"/readyz {code} from the {self.broker} worker\n{self.tail()}")
+        try:
+            poll_until(reached, timeout, interval=0.1,
+                       message=f"/readyz {code} from the {self.broker} worker")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; it answers {self.readyz()}\n{self.tail()}") from None
         return time.monotonic() - started
 
     def stay_unready(self, until: float) -> None:
@@ -121,8 +125,11 @@ class Watched:
                     answers.setdefault(str(body.get("request_id")), body.get("label"))
                 return sent.keys() <= answers.keys()
 
-            poll_until(all_answered, timeout, interval=0,
-                       message=f"{count} answers\n{self.tail()}")
+            try:
+                poll_until(all_answered, timeout, interval=0, message=f"{count} answers")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {len(sent.keys() - answers.keys())} missing\n"
+                                     f"{self.tail()}") from None
             assert all(answers[rid] == LABELS[name]["label"] for rid, name in sent.items())
         finally:
             reader.close()
@@ -133,6 +140,9 @@ def outage(worker: Watched, stop: object, start: object) -> dict[str, float]:
     """Serve, stop the broker under the idle worker for ``OUTAGE_S``, start it again; the
     seconds each change of /readyz took."""
     worker.wait_readyz(200, WORKER_START_S, starting=True)
+    # serve.metrics_host=127.0.0.1 reached the socket: another loopback address is refused
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", worker.port), timeout=2).close()
     worker.exchange(20)
     stopping = time.monotonic()
     stop()  # type: ignore[operator]
