@@ -5,6 +5,8 @@
 #                             background, wait until the broker answers
 #   scripts/kafka.sh down     stop it (SIGTERM; SIGKILL after $KAFKA_STOP_S), wait for the port
 #   scripts/kafka.sh status   print running/stopped; exit 0 when running, 1 when stopped
+#   scripts/kafka.sh installed  print the jars' folder; exit 2 when they are not fetched yet
+#                             and there is no Maven to fetch them
 #
 # The broker jars come from Maven Central through scripts/kafka/pom.xml (the Kafka version is
 # set there) into a cache outside the work tree. A cold `up` with the jars cached takes 3-5 s
@@ -66,6 +68,13 @@ fetch_jars() {
   rm -rf "$libs"
   mv "$libs.tmp" "$libs"
   echo "$want" >"$libs/.complete"
+}
+
+installed() {
+  if [[ ! -f "$libs/.complete" ]]; then
+    command -v mvn >/dev/null || die "Maven (mvn) is needed once to fetch the Kafka $version jars." 2
+  fi
+  echo "$libs"
 }
 
 write_config() {

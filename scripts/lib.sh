@@ -27,6 +27,8 @@
 #   running_addr   host:port of the running service (or of the one `up` would start)
 #   listen_addrs   every host:port `up` will listen on, one a line
 #   show_logs      the last lines of its logs, for a failed start (to stdout)
+#   installed      prints what `up` would run (the jar, the jars' folder); fails, saying how to
+#                  install what is missing, when something is
 
 die() {
   echo "$svc: $1" >&2
@@ -146,13 +148,20 @@ cmd_status() {
   return 1
 }
 
+# Everything `up` needs is installed (the demo runs only the brokers that pass this).
+cmd_installed() {
+  command -v java >/dev/null || die "java ($java_min or newer) is not installed." 2
+  installed
+}
+
 main() {
   case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    installed) cmd_installed ;;
     *)
-      echo "usage: $0 up|down|status" >&2
+      echo "usage: $0 up|down|status|installed" >&2
       exit 2
       ;;
   esac

@@ -5,10 +5,13 @@
 #   scripts/pubsub.sh down     stop it (SIGTERM to its process group; SIGKILL after
 #                              $PUBSUB_STOP_S) and wait until the port is free
 #   scripts/pubsub.sh status   print running/stopped; exit 0 when running, 1 when stopped
+#   scripts/pubsub.sh installed  print the emulator's jar; exit 2, saying how to install it,
+#                              when there is none (or no java)
 #
 # Start time: `up` is ready in 1.3-3.8 s (median ~2 s over 12 runs) on a 2-core machine with
 # load ~4 from a training run, measured from the call to the emulator's first HTTP answer; the
-# very first `up` takes ~6 s because it also compiles the shim below (cached afterwards).
+# very first `up` takes ~6 s because it also compiles the shim below (cached in $FMNIST_CACHE,
+# shared by every state dir).
 # `gcloud beta emulators pubsub start` took 2.5 s in the same spot: no faster, and it puts a
 # gcloud Python process between us and java, so we run java ourselves.
 #
@@ -25,10 +28,13 @@
 #
 # Environment:
 #   FMNIST_STATE         state dir (default <repo>/.state); this script uses $FMNIST_STATE/pubsub
+#   FMNIST_CACHE         cache (default ~/.cache/fmnist); the grpc shim goes to $FMNIST_CACHE/pubsub-shim
 #   PUBSUB_HOST_PORT     where to listen (default 127.0.0.1:8085)
 #   PUBSUB_PROJECT       project written to $FMNIST_STATE/pubsub/data/env (default fmnist-local);
 #                        the emulator itself accepts any project id
 #   PUBSUB_EMULATOR_JAR  the emulator's jar (default: found under the installed google-cloud-sdk)
+#   PUBSUB_SDK_DIRS      google-cloud-sdk folders searched for it, space-separated (default:
+#                        /usr/lib, /usr/share and /opt's google-cloud-sdk, and gcloud's on PATH)
 #   PUBSUB_JAVA_OPTS     extra JVM options
 #   PUBSUB_READY_S       how long `up` waits for readiness (default 60)
 #   PUBSUB_STOP_S        how long `down` waits after SIGTERM before SIGKILL (default 15)
@@ -70,9 +76,10 @@ find_jar() {
     echo "$PUBSUB_EMULATOR_JAR"
     return
   fi
-  local sdk jar
-  for sdk in /usr/lib/google-cloud-sdk /usr/share/google-cloud-sdk /opt/google-cloud-sdk \
-             "$(dirname "$(dirname "$(readlink -f "$(command -v gcloud || echo /nonexistent)")")")"; do
+  local sdk jar sdks
+  sdks="${PUBSUB_SDK_DIRS:-/usr/lib/google-cloud-sdk /usr/share/google-cloud-sdk /opt/google-cloud-sdk
+        $(dirname "$(dirname "$(readlink -f "$(command -v gcloud || echo /nonexistent)")")")}"
+  for sdk in $sdks; do
     for jar in "$sdk"/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*.jar; do
       if [[ -f "$jar" ]]; then
         echo "$jar"
@@ -86,11 +93,15 @@ find_jar() {
   exit 2
 }
 
+installed() {
+  find_jar
+}
+
 # Prints the classpath entry of the shim for this jar ("" when the jar needs none), building
 # it on first use. See the comment at the top.
 shim_for() {
   local jar="$1" dir
-  dir="$state/shim/$(basename "$jar" .jar)"
+  dir="${FMNIST_CACHE:-$HOME/.cache/fmnist}/pubsub-shim/$(basename "$jar" .jar)"
   if [[ -f "$dir/not-needed" ]]; then
     return
   fi
