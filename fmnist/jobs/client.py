@@ -59,7 +59,7 @@ def watch(broker: Broker, cfg: Config, job_id: str, on_event: OnEvent,
     _topics(broker, cfg)
     w = Watch(broker, cfg.jobs.events_topic)
     try:
-        past = w.history(job_id)
+        past = _history_of(lambda: w.history(job_id))
         if not past:
             raise MissingArtifactError(
                 f"No job {job_id} in {cfg.jobs.events_topic} ({broker.name}).",
@@ -96,7 +96,10 @@ def cancel(broker: Broker, cfg: Config, job_id: str) -> JobState:
     """Ask the job to stop: a queued job ends before it starts, a running one at its next
     batch; either way its result event says ``cancelled``."""
     _topics(broker, cfg)
-    state = history.fold(history.read(broker, cfg.jobs.events_topic)).get(job_id)
+    def events() -> list[dict[str, Any]]:
+        return [e for e in history.read(broker, cfg.jobs.events_topic) if e["job_id"] == job_id]
+
+    state = history.fold(_history_of(events)).get(job_id)
     if state is None:
         raise MissingArtifactError(
             f"No job {job_id} in {cfg.jobs.events_topic} ({broker.name}).",
@@ -112,6 +115,19 @@ def cancel(broker: Broker, cfg: Config, job_id: str) -> JobState:
         producer.close()
     state.cancel_requested = True
     return state
+
+
+def _history_of(read: Callable[[], list[dict[str, Any]]], tries: int = 3
+                ) -> list[dict[str, Any]]:
+    """A job's events, read again (twice at most, a second apart) while none are found: on
+    Pub/Sub another reader at the same moment can have them in hand
+    (docs/decisions.md#job-history)."""
+    for attempt in range(tries):
+        found = read()
+        if found or attempt == tries - 1:
+            return found
+        time.sleep(1.0)
+    return []
 
 
 def save_pictures(result: dict[str, Any], folder: Path) -> dict[str, Path]:

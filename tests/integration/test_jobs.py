@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from fmnist import config
 from fmnist.brokers import Broker, connect
 from fmnist.brokers.base import OutMessage
 from fmnist.jobs import history
-from fmnist.jobs.protocol import JOB_SCHEMA, Job, job_message
+from fmnist.jobs.protocol import JOB_SCHEMA, Job, job_message, parse_event
 from fmnist.testing.processes import FMNIST, ROOT, WorkerProcess
 from fmnist.testing.topics import Topics
 from fmnist.testing.waiting import poll_until
@@ -45,6 +46,7 @@ class JobsSetup:
                          "FMNIST_KAFKA__GROUP_ID": f"jobworkers-{tag}"}
         self.client_home = tmp / "client"
         self.workers: list[WorkerProcess] = []
+        self.recorder: Recorder
 
     def env(self, weights: Path, **extra: str) -> dict[str, str]:
         return self.topics.env({**self.settings, "FMNIST_MODEL__WEIGHTS_DIR": str(weights),
@@ -91,15 +93,44 @@ def jobs(broker_name: str, tmp_path: Path) -> Iterator[JobsSetup]:
         b.close()
 
 
+class Recorder:
+    """Every event published on the jobs' events topic from the start of the test, read live
+    in a thread: the tests look at what happened without reading the history themselves."""
+
+    def __init__(self, b: Broker, topic: str) -> None:
+        self.consumer = b.consumer(topic)
+        self.events: list[dict[str, Any]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            for m in self.consumer.next_batch(500, timeout_s=0.2):
+                if (e := parse_event(m)) is not None:
+                    self.events.append(e)
+
+    def of(self, job_id: str) -> list[dict[str, Any]]:
+        return history.ordered([e for e in list(self.events) if e["job_id"] == job_id])
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+        self.consumer.close()
+
+
 @pytest.fixture
 def events_broker(jobs: JobsSetup) -> Iterator[Broker]:
     b = connect(jobs.broker_name, jobs.config())
+    b.ensure_topics([jobs.jobs_topic, jobs.events, jobs.dlq])
+    jobs.recorder = Recorder(b, jobs.events)
     yield b
+    jobs.recorder.close()
     b.close()
 
 
 def job_events(b: Broker, jobs: JobsSetup, job_id: str) -> list[dict[str, Any]]:
-    return [e for e in history.read(b, jobs.events) if e["job_id"] == job_id]
+    return jobs.recorder.of(job_id)
 
 
 def wait_for_result(b: Broker, jobs: JobsSetup, job_id: str, timeout: float = 240
@@ -111,7 +142,7 @@ def wait_for_result(b: Broker, jobs: JobsSetup, job_id: str, timeout: float = 24
         return any(e["type"] == "result" for e in found)
 
     try:
-        poll_until(ended, timeout=timeout, interval=1.0, message=f"a result for {job_id}")
+        poll_until(ended, timeout=timeout, interval=0.2, message=f"a result for {job_id}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; events: {[e['type'] for e in found]}; last worker's log: "
                              f"{jobs.workers[-1].output()[-2000:]}") from None
@@ -174,7 +205,7 @@ def test_detach_reattach_and_cancel(jobs: JobsSetup, events_broker: Broker) -> N
 
     watcher = jobs.popen("jobs", "watch", job_id, "--broker", jobs.broker_name)
     poll_until(lambda: any(e["type"] == "epoch" for e in job_events(events_broker, jobs, job_id)),
-               timeout=120, interval=1.0, message="the job never finished an epoch")
+               timeout=120, interval=0.2, message="the job never finished an epoch")
     watcher.send_signal(signal.SIGINT)  # Ctrl+C: detach, the job goes on
     out, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 130, err

@@ -27,7 +27,8 @@ runner = CliRunner()
 
 
 def registered() -> set[str]:
-    return {c.name for c in app.registered_commands}
+    return ({c.name for c in app.registered_commands} |
+            {g.name for g in app.registered_groups if g.name})
 
 
 def test_every_expected_command_is_registered() -> None:
