@@ -57,6 +57,7 @@ class Worker:
         self._freeze_heap = freeze_heap
         self._frozen_with: object = None
         self._outage: str | None = None  # the last outage() the consumer reported
+        self._was_ready = False  # whether this consumer has reported no outage yet
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -95,7 +96,7 @@ class Worker:
 
     def _connect(self) -> tuple[Consumer, Producer]:
         self.stats.broker_state = "connecting"
-        self._outage = None  # a new consumer starts with nothing known against it
+        self._outage, self._was_ready = None, False  # a new consumer: nothing known yet
         broker, routes = self.broker, self.cfg.broker
         broker.check(routes.connect_timeout_s)
         if routes.create_topics:
@@ -115,18 +116,21 @@ class Worker:
 
     def _note_outage(self, consumer: Consumer) -> None:
         """Keep ``stats.broker_state`` (what /readyz and the status line show) in step with what
-        the consumer knows of its broker; log the changes, not every turn."""
+        the consumer knows of its broker; log the changes after it was first ready, not every
+        turn (a Kafka member joining its group at start is not news)."""
         report = getattr(consumer, "outage", None)  # see OutageReporting; getattr: every turn
         outage = report() if report is not None else None
+        was_ready, self._was_ready = self._was_ready, self._was_ready or outage is None
         if outage == self._outage:
             return
         if outage is None:
-            log.info("broker reachable again: ready")
+            if was_ready:
+                log.info("ready again: %s answers", self.broker.address)
             self.stats.broker_state = "connected"
         else:
-            if self._outage is None:
-                log.warning("broker unreachable (%s): not ready until it is back", outage)
-            self.stats.broker_state = f"unreachable: {outage}"
+            if self._outage is None and was_ready:
+                log.warning("not ready: %s; waiting for it to come back", outage)
+            self.stats.broker_state = outage
         self._outage = outage
 
     def flush(self, consumer: Consumer, producer: Producer) -> None:

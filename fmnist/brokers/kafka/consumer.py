@@ -39,6 +39,7 @@ class KafkaTopicConsumer:
         self._max_records = max_records
         self._starts: dict[int, int] = {}  # partition -> committed offset, until one is read
         self._outage: str | None = None  # see ``outage``
+        self._joining = group is not None  # until the group first assigns partitions (``outage``)
         self._consumer: Any = None
         try:
             self._consumer = self._connect()
@@ -73,8 +74,12 @@ class KafkaTopicConsumer:
         error that every broker is down or a connection failed, or a fetch that failed for the
         same reasons; cleared by its next statistics (every ``STATS_EVERY_MS``) that show a
         broker connection up. librdkafka reconnects by itself, so nothing else would tell a
-        waiting consumer that Kafka went away, or came back.
+        waiting consumer that Kafka went away, or came back. Before that, until the group has
+        assigned it its partitions (none, where the group has more members than partitions):
+        a request sent earlier waits for the join, about a second.
         """
+        if self._joining and self._outage is None:
+            return f"joining consumer group {self.group}"
         return self._outage
 
     def _client_error(self, err: KafkaError) -> None:
@@ -95,6 +100,7 @@ class KafkaTopicConsumer:
 
     def _assigned(self, _consumer: Any, partitions: list[Any]) -> None:
         self._starts.clear()  # see ``lag``
+        self._joining = False
         log.info("group %s: partitions assigned: %s", self.group, _names(partitions) or "none")
 
     def _revoked(self, _consumer: Any, partitions: list[Any]) -> None:
