@@ -41,7 +41,7 @@ def measure(name: str, events: int, rounds: int) -> dict[str, object]:
         for _ in range(rounds):
             out: dict[int, tuple[int, float]] = {}
 
-            def read(k: int) -> None:
+            def read(k: int, out: dict[int, tuple[int, float]] = out) -> None:
                 t0 = time.perf_counter()
                 out[k] = (len(history.read(b, topic)), time.perf_counter() - t0)
 
