@@ -28,7 +28,7 @@ from fmnist.testing.topics import Topics
 from fmnist.testing.waiting import poll_until
 
 pytestmark = pytest.mark.slow
-TRAIN = ["--epochs", "2", "--limit", "1500"]
+TRAIN = ["--epochs", "2", "--limit", "3000"]
 
 
 class JobsSetup:

@@ -21,6 +21,7 @@ class KafkaTopicProducer:
 
     def __init__(self, broker: KafkaBroker) -> None:
         self.broker = broker
+        broker.shared_producer()  # connected now, not inside the first send's timing
 
     def send(self, messages: list[OutMessage], timeout_s: float) -> KafkaConfirmation:
         """Queue all in librdkafka (its threads send them); ``wait`` collects the reports."""
