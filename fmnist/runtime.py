@@ -73,8 +73,11 @@ def select_backend(preferred: str = "auto", threads: int = 0, auto: str = "jax")
                               "in this process.", "Start a new process, or set serve.backend: auto.")
         return str(active)
     if preferred == "auto":
-        preferred = os.environ.get("KERAS_BACKEND") or (
-            auto if importlib.util.find_spec(auto) else "tensorflow")
+        # The other backend when ``auto``'s is not installed: a GPU machine with JAX and no
+        # TensorFlow still trains (a job worker there runs train jobs on the GPU).
+        installed = [b for b in (auto, "jax", "tensorflow") if importlib.util.find_spec(b)]
+        preferred = os.environ.get("KERAS_BACKEND") or (installed[0] if installed
+                                                        else "tensorflow")
     elif importlib.util.find_spec(preferred) is None:
         raise ConfigError(f"serve.backend is {preferred!r} but {preferred} is not installed.",
                           f"pip install {preferred}, or set serve.backend: auto.")

@@ -33,6 +33,14 @@ def test_training_defaults_to_tensorflow() -> None:
     assert got["chosen"] == got["keras"] == "tensorflow"
 
 
+def test_training_falls_back_to_jax_where_tensorflow_is_not_installed() -> None:
+    code = ("import importlib.util, json; real = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda name, *a: None if name == 'tensorflow' "
+            "else real(name, *a); from fmnist.runtime import select_backend; "
+            "print(json.dumps({'chosen': select_backend('auto', auto='tensorflow')}))")
+    assert backend_in_a_fresh_process(code) == {"chosen": "jax"}
+
+
 def test_auto_respects_keras_backend_from_the_environment() -> None:
     got = backend_in_a_fresh_process(SELECT.format(args="'auto'"), KERAS_BACKEND="tensorflow")
     assert got["chosen"] == got["keras"] == "tensorflow"
