@@ -227,11 +227,13 @@ def rebalance(workdir: Path, per_s: float = 60, limit: int = 5000) -> Report:
         marks: dict[str, int] = {}
         rcs = []
         for name, leave in (("second", "SIGTERM"), ("third", "SIGKILL")):
+            # Marked when it starts: a SIGTERM drain can end within one chunk of the stream,
+            # so a mark taken after its answers could equal the one taken at its leave.
+            marks[f"{name}_joined_at"] = stream.sent
             worker = run.start_worker()
             wid = f"{socket.gethostname()}-{worker.proc.pid}"
             poll_until(lambda: run.pump() >= 0 and run.by_worker()[wid] >= 60,  # noqa: B023
                        timeout=WORKER_START_S, interval=0, message=f"answers from the {name}")
-            marks[f"{name}_joined_at"] = stream.sent
             if leave == "SIGTERM":
                 rcs.append(worker.stop())
             else:
