@@ -393,7 +393,14 @@ def serve_cmd(
                       serve__log_format=log_format, serve__log_level=log_level,
                       serve__metrics_port=metrics_port)
     if jobs:
+        from fmnist.errors import UsageError
         from fmnist.jobs.worker import serve_jobs
+
+        if reload or cfg.serve.metrics_port:
+            raise UsageError("--reload and --metrics-port (serve.metrics_port) are for serving "
+                             "workers; a job worker (--jobs) has neither.",
+                             "Run `fmnist serve --jobs` without them; `fmnist jobs list` shows "
+                             "what job workers do.")
 
         serve_jobs(cfg)
         return

@@ -193,3 +193,9 @@ def test_jobs_commands_have_help_and_valid_examples(command: str) -> None:
         assert argv[:3] == ["fmnist", "jobs", command]
         with click_command.make_context(command, argv[3:]):
             pass
+
+
+def test_a_job_worker_refuses_serving_only_options() -> None:
+    result = CliRunner().invoke(app, ["serve", "--jobs", "--metrics-port", "9100"])
+    assert result.exit_code == 2
+    assert "--metrics-port" in result.output
