@@ -63,6 +63,17 @@ class LagReporting(Protocol):
         thread that reads."""
 
 
+@runtime_checkable
+class OutageReporting(Protocol):
+    """A consumer that knows when its broker cannot be reached although nothing has failed yet:
+    an idle consumer only waits, and its client library reconnects on its own, so no call of
+    ours raises while the broker is down. The Kafka and Pub/Sub consumers implement it."""
+
+    def outage(self) -> str | None:
+        """Why requests sent now would not be answered (the broker unreachable, the
+        subscription gone), or None when nothing says so. Cheap: called every loop turn."""
+
+
 class Confirmation(Protocol):
     def wait(self) -> None:
         """Block until the broker has confirmed every message of the ``send`` that made this

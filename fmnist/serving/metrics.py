@@ -198,7 +198,7 @@ class InstrumentedConsumer:
             self._hold(-len(messages))
 
     def outage(self) -> str | None:
-        """The consumer's own report (``worker.OutageReporting``); None from one without."""
+        """The consumer's own report (``brokers.base.OutageReporting``); None from one without."""
         report = getattr(self.consumer, "outage", None)
         return report() if report is not None else None
 

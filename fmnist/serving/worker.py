@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import threading
-from typing import Protocol, runtime_checkable
 
 from fmnist.brokers import Broker, Consumer, Producer
 from fmnist.config import Config
@@ -22,17 +21,6 @@ from fmnist.serving.pipeline import Observer, Pipeline, Stats
 
 log = logging.getLogger("fmnist.serving.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
-
-
-@runtime_checkable
-class OutageReporting(Protocol):
-    """A consumer that knows when its broker cannot be reached although nothing has failed yet:
-    an idle consumer only waits, and its client library reconnects on its own, so no call of
-    ours raises while the broker is down. The Kafka and Pub/Sub consumers implement it."""
-
-    def outage(self) -> str | None:
-        """Why requests sent now would not be answered (the broker unreachable, the
-        subscription gone), or None when nothing says so. Cheap: called every loop turn."""
 
 
 def default_worker_id() -> str:
@@ -118,7 +106,7 @@ class Worker:
         """Keep ``stats.broker_state`` (what /readyz and the status line show) in step with what
         the consumer knows of its broker; log the changes after it was first ready, not every
         turn (a Kafka member joining its group at start is not news)."""
-        report = getattr(consumer, "outage", None)  # see OutageReporting; getattr: every turn
+        report = getattr(consumer, "outage", None)  # see brokers.base.OutageReporting; getattr: every turn
         outage = report() if report is not None else None
         was_ready, self._was_ready = self._was_ready, self._was_ready or outage is None
         if outage == self._outage:

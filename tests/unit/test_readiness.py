@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from fmnist.brokers.base import OutageReporting
 from fmnist.brokers.kafka.consumer import KafkaTopicConsumer
 from fmnist.serving import metrics as metrics_module
 from fmnist.serving.metrics import HealthServer, InstrumentedConsumer, Metrics
-from fmnist.serving.worker import OutageReporting
 from fmnist.testing.waiting import http_get as get
 from fmnist.testing.waiting import poll_until
 from tests.unit.test_worker import cfg, make_worker, png, request, serve_all  # noqa: F401
