@@ -28,6 +28,10 @@ def submit(broker: Broker, cfg: Config, kind: str, options: dict[str, Any]) -> J
     """Queue a job: its ``submitted`` event first (so a listing shows it queued), then the job
     message itself; both confirmed by the broker before this returns."""
     _topics(broker, cfg)
+    return _queue(broker, cfg, kind, options)
+
+
+def _queue(broker: Broker, cfg: Config, kind: str, options: dict[str, Any]) -> Job:
     job = Job(new_job_id(), kind, options, who(), round(time.time(), 3))
     producer = broker.producer()
     try:
@@ -47,7 +51,7 @@ def run(broker: Broker, cfg: Config, kind: str, options: dict[str, Any], on_even
     _topics(broker, cfg)
     watch = Watch(broker, cfg.jobs.events_topic)  # open before the job exists
     try:
-        job = submit(broker, cfg, kind, options)
+        job = _queue(broker, cfg, kind, options)
         return follow(watch, job.job_id, on_event, timeout_s)
     finally:
         watch.close()

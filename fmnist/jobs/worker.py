@@ -24,7 +24,16 @@ from fmnist.brokers.base import Message
 from fmnist.config import Config
 from fmnist.errors import BrokerError, Cancelled, FmnistError, Interrupted
 from fmnist.jobs import history, runner
-from fmnist.jobs.protocol import Job, JobRejected, dead_letter, event, event_message, job_config, parse_job
+from fmnist.jobs.protocol import (
+    Job,
+    JobRejected,
+    dead_letter,
+    event,
+    event_message,
+    job_config,
+    parse_event,
+    parse_job,
+)
 from fmnist.serving.worker import BACKOFF_FIRST_S, BACKOFF_MAX_S, default_worker_id
 
 log = logging.getLogger("fmnist.jobs.worker")
@@ -44,8 +53,6 @@ class CancelWatcher:
         self._thread.start()
 
     def _run(self) -> None:
-        from fmnist.jobs.protocol import parse_event
-
         while not self._stop.is_set():
             try:
                 batch = self.consumer.next_batch(500, timeout_s=0.5)
