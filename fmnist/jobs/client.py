@@ -100,10 +100,8 @@ def cancel(broker: Broker, cfg: Config, job_id: str) -> JobState:
     """Ask the job to stop: a queued job ends before it starts, a running one at its next
     batch; either way its result event says ``cancelled``."""
     _topics(broker, cfg)
-    def events() -> list[dict[str, Any]]:
-        return [e for e in history.read(broker, cfg.jobs.events_topic) if e["job_id"] == job_id]
-
-    state = history.fold(_history_of(events)).get(job_id)
+    state = history.fold(_history_of(
+        lambda: history.read_job(broker, cfg.jobs.events_topic, job_id))).get(job_id)
     if state is None:
         raise MissingArtifactError(
             f"No job {job_id} in {cfg.jobs.events_topic} ({broker.name}).",

@@ -50,6 +50,11 @@ def read(broker: Broker, topic: str, timeout_s: float = 30.0) -> list[dict[str, 
     return ordered(events)
 
 
+def read_job(broker: Broker, topic: str, job_id: str) -> list[dict[str, Any]]:
+    """The events of one job the topic holds now, oldest first."""
+    return [e for e in read(broker, topic) if e["job_id"] == job_id]
+
+
 def ordered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Oldest first, each event once (delivery is at least once)."""
     unique = {e.get("event_id"): e for e in events}
@@ -141,8 +146,8 @@ class Watch:
         self.seen: set[str] = set()
 
     def history(self, job_id: str | None = None) -> list[dict[str, Any]]:
-        events = [e for e in read(self.broker, self.topic)
-                  if job_id is None or e["job_id"] == job_id]
+        events = (read(self.broker, self.topic) if job_id is None
+                  else read_job(self.broker, self.topic, job_id))
         return [e for e in events if self._new(e)]
 
     def events(self, job_id: str, poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
