@@ -78,6 +78,8 @@ class TrainConfig:
     teacher: Path | None = Path("weights/fmnist-full.keras")
     distill_weight: float = 0.7
     distill_temperature: float = 2.0
+    # Add the labelled images users sent back (``feedback.topic``) to the training images.
+    with_feedback: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,28 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    store: str = "auto"
+    topic: str = "fmnist_models"
+    blob_topic: str = "fmnist_models.blobs"
+    dir: Path = Path("models")
+    events_topic: str = "fmnist_model_events"
+    chunk_bytes: int = 512 * 1024
+    follow: bool = True
+    check_every_s: float = 30.0
+    canary_dir: Path = Path("Images")
+    canary_min_correct: int = 9
+    publish_trained: bool = True
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    topic: str = "fmnist_feedback"
+    sent_dir: Path = Path("~/.cache/fmnist/sent")
+    sent_keep: int = 1000
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +186,8 @@ class Config:
     pubsub: PubsubConfig = field(default_factory=PubsubConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     @property
     def weights_path(self) -> Path:
@@ -399,6 +425,14 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
          "must name an address to listen on (0.0.0.0: every interface, 127.0.0.1: this host)"),
         ("jobs.max_job_bytes", cfg.jobs.max_job_bytes >= 1024, "must be at least 1024"),
         ("jobs.progress_per_s", 0 < cfg.jobs.progress_per_s <= 4, "must be in (0, 4]"),
+        ("registry.store", cfg.registry.store in ("auto", "kafka", "dir"),
+         "must be `auto` (the broker's own), `kafka` or `dir`"),
+        ("registry.chunk_bytes", 1024 <= cfg.registry.chunk_bytes <= 900 * 1024,
+         "must be 1024 to 921600 (under Kafka's default 1 MiB message limit)"),
+        ("registry.check_every_s", cfg.registry.check_every_s > 0, "must be positive"),
+        ("registry.canary_min_correct", cfg.registry.canary_min_correct >= 0,
+         "must be 0 (no canary) or more"),
+        ("feedback.sent_keep", cfg.feedback.sent_keep >= 0, "must be 0 (keep none) or more"),
         ("train.epochs", cfg.train.epochs >= 1, "must be at least 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be at least 1"),
         ("train.validation_split", 0.0 <= cfg.train.validation_split < 1.0, "must be in [0, 1)"),

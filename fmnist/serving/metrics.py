@@ -76,6 +76,20 @@ class Metrics:
                                 ["name", "version"], registry=r)
         self.reloads = Counter("fmnist_model_reloads", "Hot reloads, by result.", ["result"],
                                registry=r)
+        # Models from the registry (fmnist.registry.follower): refused before serving, and when
+        self.model_refusals = Counter("fmnist_model_refusals", "Models refused before serving "
+                                      "(checksum, incompatible, load, canary, fetch), by reason.",
+                                      ["reason"], registry=r)
+        self.last_refusal = Gauge("fmnist_model_last_refusal_timestamp_seconds",
+                                  "When the last model was refused (Unix time), with its version "
+                                  "and reason.", ["name", "version", "reason"], registry=r)
+        # Labelled requests (fmnist send --label): how often this worker's answers were right
+        self.feedback = Counter("fmnist_feedback", "Labelled requests answered, by model "
+                                "version and whether the prediction matched the label.",
+                                ["name", "version", "outcome"], registry=r)
+        self.feedback_accuracy = Gauge("fmnist_feedback_accuracy", "Share of labelled requests "
+                                       "answered correctly, per model version.",
+                                       ["name", "version"], registry=r)
         self.last_beat = 0.0  # monotonic time the serve loop last polled or dialled the broker
         self.model: dict[str, str] = {}  # what /status names: the model serving now
 
