@@ -2,7 +2,8 @@
 
 Request-reply subscribes to the responses *before* publishing, so an answer can never arrive
 before anyone is listening for it, and matches answers to requests by ``request_id``.
-Duplicates (at-least-once delivery) are collapsed by request id.
+Duplicates (at-least-once delivery) are collapsed by request id. What was sent (and answered)
+is kept in ``feedback.sent_dir``, so that `fmnist feedback ID N` can label it later.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fmnist import feedback
 from fmnist.brokers.base import Broker, Consumer, Message, OutMessage
 from fmnist.config import Config, project_root
 from fmnist.errors import BrokerTimeout, MissingArtifactError
@@ -29,6 +31,7 @@ class Outgoing:
     payload: bytes
     request_id: str
     content_type: str
+    label: int | None = None  # the true label, sent as the `label` header
 
 
 def resolve_image(name: str) -> Path:
@@ -44,8 +47,9 @@ def resolve_image(name: str) -> Path:
                                "(e.g. sneaker7.png).")
 
 
-def read_images(names: list[str]) -> list[Outgoing]:
-    """Read every file before anything is published, so a bad name sends nothing at all."""
+def read_images(names: list[str], label: int | None = None) -> list[Outgoing]:
+    """Read every file before anything is published, so a bad name sends nothing at all.
+    ``label``: the true label of every image."""
     outgoing = []
     for name in names or [DEFAULT_IMAGE]:
         path = resolve_image(name)
@@ -57,7 +61,7 @@ def read_images(names: list[str]) -> list[Outgoing]:
         if not payload:
             raise MissingArtifactError(f"{path} is empty.", "Send an image file with content.")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        outgoing.append(Outgoing(path, payload, protocol.new_request_id(), content_type))
+        outgoing.append(Outgoing(path, payload, protocol.new_request_id(), content_type, label))
     return outgoing
 
 
@@ -86,7 +90,8 @@ def _int_or_none(text: str | None) -> int | None:
 
 def send(broker: Broker, cfg: Config, images: list[Outgoing], wait: bool = False,
          timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """Publish each image; with ``wait``, return one answer per image in the order sent."""
+    """Publish each image; with ``wait``, return one answer per image in the order sent.
+    Either way, what was published (and answered) is recorded for `fmnist feedback`."""
     if cfg.broker.create_topics:
         broker.ensure_topics([cfg.broker.request_topic, cfg.broker.response_topic])
     reader = broker.consumer(cfg.broker.response_topic, group=None) if wait else None
@@ -95,19 +100,23 @@ def send(broker: Broker, cfg: Config, images: list[Outgoing], wait: bool = False
         sent_at = {}
         messages = []
         for image in images:
-            headers = protocol.request_headers(image.request_id, image.content_type)
+            headers = protocol.request_headers(image.request_id, image.content_type,
+                                               label=image.label)
             sent_at[image.request_id] = int(headers[protocol.SENT_AT])
             messages.append(OutMessage(cfg.broker.request_topic, image.payload,
                                        key=image.request_id, headers=headers))
         producer.publish(messages, timeout_s=timeout_s)
         producer.close()
-        if reader is None:
-            return [{"request_id": i.request_id, "file": str(i.path), "status": "sent"}
-                    for i in images]
-        answers = collect(reader, {i.request_id for i in images}, timeout_s)
+        answers = {} if reader is None else collect(reader, {i.request_id for i in images},
+                                                     timeout_s)
     finally:
         if reader is not None:
             reader.close()
+    feedback.remember(cfg, [(_sent(i, sent_at[i.request_id], answers.get(i.request_id)),
+                             i.payload) for i in images])
+    if reader is None:
+        return [{"request_id": i.request_id, "file": str(i.path), "status": "sent"}
+                for i in images]
     missing = [i for i in images if i.request_id not in answers]
     if missing:
         raise BrokerTimeout(
@@ -122,6 +131,17 @@ def send(broker: Broker, cfg: Config, images: list[Outgoing], wait: bool = False
                                         - sent_at[image.request_id], 1)
         results.append(answer)
     return results
+
+
+def _sent(image: Outgoing, sent_at_ms: int, answer: dict[str, Any] | None) -> feedback.Sent:
+    """The sent cache's entry of one request, with the answer's prediction when it had one."""
+    predicted = (answer or {}).get("label")
+    if not isinstance(predicted, int):  # not waited for, not answered, or an error answer
+        return feedback.Sent(image.request_id, str(image.path), image.content_type, sent_at_ms,
+                             image.label)
+    model = (answer or {}).get("model") or {}
+    return feedback.Sent(image.request_id, str(image.path), image.content_type, sent_at_ms,
+                         image.label, predicted, model.get("name"), model.get("version"))
 
 
 def collect(reader: Consumer, wanted: set[str], timeout_s: float) -> dict[str, dict[str, Any]]:

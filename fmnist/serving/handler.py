@@ -8,6 +8,10 @@ as it got inputs), and a model that fails answers every request of its batch wit
 A batch is handled in two steps so that the pipeline can overlap them with broker work:
 ``prepare`` parses and decodes the batch and dispatches its forward pass (JAX runs it on
 XLA's threads); ``Prepared.finish`` waits for the pass and builds the answers.
+
+A request with a ``label`` header (the true label, docs/feedback.md) is answered as any other,
+and its image, label and the prediction also go out, with the answers, as a record of the
+feedback topic; a label that is not 0-9 is reported in the answer and recorded nowhere.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from fmnist import imaging
+from fmnist import feedback, imaging
 from fmnist.brokers import Message, OutMessage
 from fmnist.config import Config
 from fmnist.errors import ImageError
@@ -53,6 +57,8 @@ class BatchResult:
     out: list[OutMessage]
     outcomes: list[str]  # "ok" or an error code, one per request in order
     inference_ms: float
+    # (model name, version, prediction == label) per labelled request answered
+    labelled: list[tuple[str, str, bool]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,12 @@ class PredictionHandler:
         ranked = predictor.describe_many(probs)
         out: list[OutMessage] = []
         outcomes: list[str] = []
+        labelled: list[tuple[str, str, bool]] = []
         for i, request in enumerate(requests):
             error = errors.get(i)
             body = None
             prediction = None
+            noted = None
             if oip.is_oip(request.content_type, request.message.value):
                 body = ({"error": f"{error.code}: {error.message}"} if error else
                         oip.response(model["name"], model["version"],
@@ -159,13 +167,33 @@ class PredictionHandler:
                                      probs[spans[i][0]:spans[i][0] + spans[i][1]]))
             elif not error:
                 prediction = ranked[spans[i][0]].as_dict()
+                if request.label is not None:  # the only per-request cost without a label
+                    noted = self._labelled(request, prediction["label"], model, out, labelled)
             out.append(protocol.response(request, model=model, worker_id=self.worker_id,
                                          inference_ms=None if error else inference_ms,
-                                         prediction=prediction, error=error, body=body))
+                                         prediction=prediction, error=error, body=body,
+                                         feedback=noted))
             if error:
                 out.append(self._dead_letter(request, error))
             outcomes.append(error.code if error else "ok")
-        return BatchResult(out, outcomes, inference_ms)
+        return BatchResult(out, outcomes, inference_ms, labelled)
+
+    def _labelled(self, request: protocol.Request, predicted: int, model: dict[str, str],
+                  out: list[OutMessage], labelled: list[tuple[str, str, bool]]
+                  ) -> dict[str, object]:
+        """The feedback record of an answered request with a ``label`` header (into ``out``,
+        with the answers) and what the answer says of it. A label that is not 0-9 fails
+        nothing: the answer says so and nothing is recorded."""
+        label = feedback.parse_wire_label(request.label)
+        if label is None:
+            log.warning("request %s: label %.20r is not 0-9; answered, not recorded",
+                        request.request_id, request.label)
+            return {"recorded": False, "error": "label must be a digit 0-9 (the class index)"}
+        out.append(feedback.message(self.cfg.feedback.topic, feedback.Record(
+            request.request_id, label, request.message.value, "request", protocol.now_ms(),
+            predicted, model["name"], model["version"], self.worker_id)))
+        labelled.append((model["name"], model["version"], predicted == label))
+        return {"label": label, "correct": predicted == label, "recorded": True}
 
     def _dead_letter(self, request: protocol.Request, error: protocol.RequestError
                      ) -> OutMessage:

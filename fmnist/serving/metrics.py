@@ -90,6 +90,7 @@ class Metrics:
         self.feedback_accuracy = Gauge("fmnist_feedback_accuracy", "Share of labelled requests "
                                        "answered correctly, per model version.",
                                        ["name", "version"], registry=r)
+        self._labelled: dict[tuple[str, str], list[int]] = {}  # version -> [answered, correct]
         self.last_beat = 0.0  # monotonic time the serve loop last polled or dialled the broker
         self.model: dict[str, str] = {}  # what /status names: the model serving now
 
@@ -123,6 +124,21 @@ class Metrics:
             self.requests.labels(broker=self.broker, outcome="ok").inc(len(messages) - failed)
         if failed:
             self.requests.labels(broker=self.broker, outcome="error").inc(failed)
+        if result.labelled:
+            self._observe_labelled(result.labelled)
+
+    def _observe_labelled(self, labelled: list[tuple[str, str, bool]]) -> None:
+        """``fmnist_feedback`` and ``fmnist_feedback_accuracy`` from a batch's labelled
+        requests (since this worker started)."""
+        for name, version, correct in labelled:
+            self.feedback.labels(name=name, version=version,
+                                 outcome="correct" if correct else "wrong").inc()
+            counts = self._labelled.setdefault((name, version), [0, 0])
+            counts[0] += 1
+            counts[1] += correct
+        for (name, version) in {(n, v) for n, v, _ in labelled}:
+            answered, right = self._labelled[(name, version)]
+            self.feedback_accuracy.labels(name=name, version=version).set(right / answered)
 
     def update_lag(self, lag: dict[tuple[str, int], int]) -> None:
         """Replace every lag series: partitions a rebalance took away must not linger."""

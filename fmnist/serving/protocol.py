@@ -25,6 +25,7 @@ CONTENT_TYPE = "content_type"
 SENT_AT = "sent_at"
 REPLY_TO = "reply_to"
 TRACEPARENT = "traceparent"
+LABEL = "label"  # the true label, 0-9: the worker also publishes a feedback record
 PROTOCOL = "protocol"
 ERROR_CODE = "error_code"
 
@@ -77,6 +78,7 @@ class Request:
     reply_to: str
     content_type: str
     traceparent: str | None
+    label: str | None = None  # the ``label`` header as sent, checked only when present
 
 
 def reply_allowed(topic: str, response_topic: str) -> bool:
@@ -119,16 +121,18 @@ def parse_request(message: Message, response_topic: str) -> tuple[Request, Reque
     if traceparent is not None and not _TRACEPARENT_RE.match(traceparent):
         traceparent = None  # W3C: an invalid traceparent is ignored, not an error
     return Request(message, request_id, derived, sent_at, reply_to,
-                   headers.get(CONTENT_TYPE, ""), traceparent), error
+                   headers.get(CONTENT_TYPE, ""), traceparent, headers.get(LABEL)), error
 
 
 def response(request: Request, *, model: dict[str, str], worker_id: str,
              inference_ms: float | None, prediction: dict[str, Any] | None = None,
-             error: RequestError | None = None, body: dict[str, Any] | None = None) -> OutMessage:
+             error: RequestError | None = None, body: dict[str, Any] | None = None,
+             feedback: dict[str, Any] | None = None) -> OutMessage:
     """The JSON response for one request (a prediction or an error), ready to publish.
 
     ``body`` replaces our JSON with another protocol's (Open Inference Protocol); the headers,
-    key and reply topic stay ours either way."""
+    key and reply topic stay ours either way. ``feedback``: what became of the request's
+    ``label`` header (docs/feedback.md)."""
     finished = now_ms()
     received_ms = request.message.received_at * 1000
     queued_since = request.sent_at_ms or request.message.broker_time_ms
@@ -152,6 +156,8 @@ def response(request: Request, *, model: dict[str, str], worker_id: str,
     }
     if error:
         body["error"] = {"code": error.code, "message": error.message}
+    if feedback is not None:
+        body["feedback"] = feedback
     return OutMessage(request.reply_to, orjson.dumps(body),
                       key=request.request_id, headers=response_headers(request, error))
 
@@ -184,9 +190,11 @@ def dead_letter(request: Request, error: RequestError, dlq_topic: str, worker_id
 
 
 def request_headers(request_id: str, content_type: str, reply_to: str | None = None,
-                    traceparent: str | None = None) -> dict[str, str]:
+                    traceparent: str | None = None, label: int | None = None) -> dict[str, str]:
     """What `fmnist send` attaches to each image."""
     headers = {REQUEST_ID: request_id, CONTENT_TYPE: content_type, SENT_AT: str(now_ms())}
+    if label is not None:
+        headers[LABEL] = str(label)
     if reply_to:
         headers[REPLY_TO] = reply_to
     if traceparent:

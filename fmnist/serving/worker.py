@@ -88,7 +88,8 @@ class Worker:
         broker, routes = self.broker, self.cfg.broker
         broker.check(routes.connect_timeout_s)
         if routes.create_topics:
-            broker.ensure_topics([routes.request_topic, routes.response_topic, routes.dlq_topic])
+            broker.ensure_topics([routes.request_topic, routes.response_topic, routes.dlq_topic,
+                                  self.cfg.feedback.topic])  # labelled requests' records
         producer = broker.producer()
         consumer = broker.consumer(routes.request_topic, group=self.group,
                                    max_in_flight=4 * self.cfg.serve.max_batch_size)
