@@ -234,6 +234,10 @@ def train_cmd(
     name: Annotated[str | None, typer.Option(help="Model name: weights/<name>.keras.")] = None,
     limit: Annotated[int | None, typer.Option(
         help="Train on the first N shuffled images only (quick checks).")] = None,
+    with_feedback: Annotated[bool | None, typer.Option(
+        "--with-feedback/--without-feedback", show_default=False,
+        help="Also train on the labelled images users sent back (train.with_feedback; "
+             "read from serve.broker's feedback.topic).")] = None,
     broker: JobBrokerOption = None,
     detach: DetachOption = False,
     timeout: JobTimeoutOption = None,
@@ -250,12 +254,13 @@ def train_cmd(
         fmnist train --config configs/train-full.yaml
         fmnist train --broker kafka --epochs 2 --limit 3000 --name quick
         fmnist train --broker pubsub --detach --json
+        fmnist train --broker kafka --with-feedback --name fmnist
     """
     from fmnist import console
     from fmnist.model import train
 
     flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
-             "model.name": name, "train.limit": limit}
+             "model.name": name, "train.limit": limit, "train.with_feedback": with_feedback}
     cfg = load_config(config, serve__broker=broker, **{k.replace(".", "__"): v
                                                          for k, v in flags.items()})
     if broker is not None:
@@ -276,6 +281,9 @@ def train_cmd(
         return
     console.info(
         f"Saved {result.weights} (version {result.meta['version']}); curve: {result.curve_png}")
+    if "feedback_images" in metrics:
+        console.info(f"{metrics['feedback_images']} labelled image(s) from "
+                     f"{cfg.feedback.topic} ({cfg.serve.broker}) were in the training set.")
     console.out.print(
         f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs in "
         f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} img/s)",
@@ -460,20 +468,29 @@ def send_cmd(
     timeout: TimeoutOption = 30.0,
     bootstrap_servers: Annotated[str | None, typer.Option(
         help="Kafka brokers (kafka.bootstrap_servers).")] = None,
+    label: Annotated[str | None, typer.Option(
+        "--label", "-l", show_default=False,
+        help="The true label of every image (0-9 or a class name): the workers count "
+             "whether they were right and keep the image for training.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Publish images as requests; with --wait, print each answer (exit 4 on timeout).
+
+    What was sent is kept in feedback.sent_dir, so `fmnist feedback ID LABEL` can label it
+    later.
 
     Examples:
 
         fmnist send sandal5.png --broker pubsub --wait
         fmnist send Images/*.png --broker kafka --wait --json
+        fmnist send sneaker7.png --broker kafka --wait --label 7
     """
-    from fmnist import client, console
+    from fmnist import client, console, feedback
     from fmnist.brokers import connect
 
     cfg = load_config(config, serve__broker=broker, kafka__bootstrap_servers=bootstrap_servers)
-    outgoing = client.read_images(images or [])
+    true_label = feedback.parse_label(label) if label is not None else None
+    outgoing = client.read_images(images or [], true_label)
     b = connect(cfg.serve.broker, cfg)
     try:
         b.check(cfg.broker.connect_timeout_s)
@@ -489,6 +506,47 @@ def send_cmd(
         render_answers(results, with_file=True)
     if any(r.get("status") == "error" for r in results):
         raise typer.Exit(3)
+
+
+@app.command("feedback")
+@handle_errors
+def feedback_cmd(
+    request_id: Annotated[str, typer.Argument(help="The id `fmnist send` printed.")],
+    label: Annotated[str, typer.Argument(help="The true label: 0-9 or a class name.")],
+    broker: BrokerOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give the true label of a request sent from here: publish it, with the image, to
+    feedback.topic, for accuracy per model version and `fmnist train --with-feedback`.
+
+    Examples:
+
+        fmnist feedback 5f0c1d2e9a7b4c3d8e1f2a3b4c5d6e7f 7 --broker kafka
+        fmnist feedback 5f0c1d2e9a7b4c3d8e1f2a3b4c5d6e7f sneaker --broker pubsub --json
+    """
+    from fmnist import console, feedback
+    from fmnist.brokers import connect
+    from fmnist.data import CLASS_NAMES
+
+    cfg = load_config(config, serve__broker=broker)
+    true_label = feedback.parse_label(label)
+    sent = feedback.recall(cfg, request_id)  # an unknown id fails before any broker is dialled
+    b = connect(cfg.serve.broker, cfg)
+    try:
+        b.check(cfg.broker.connect_timeout_s)
+        published = feedback.label_sent(b, cfg, request_id, true_label, sent=sent)
+    finally:
+        b.close()
+    if as_json:
+        console.print_json(published)
+        return
+    said = ("; the answer was not waited for" if published["predicted"] is None else
+            f"; {published['model']['name']}@{published['model']['version']} said "
+            f"{published['predicted']} ({CLASS_NAMES[published['predicted']]})")
+    console.out.print(f"Labelled {request_id} ({Path(published['file']).name}) as {true_label} "
+                      f"({CLASS_NAMES[true_label]}) on {published['topic']} "
+                      f"({published['broker']}){said}.", highlight=False)
 
 
 def render_answers(results: list[dict[str, Any]], with_file: bool = False) -> None:

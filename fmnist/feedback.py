@@ -322,10 +322,12 @@ def recall(cfg: Config, request_id: str) -> tuple[Sent, bytes]:
 
 
 def label_sent(broker: Broker, cfg: Config, request_id: str, label: int,
-               timeout_s: float = 30.0) -> dict[str, Any]:
-    """Publish the labelled record of a request sent earlier from this machine; returns what
-    was published (no image)."""
-    entry, image = recall(cfg, request_id)
+               timeout_s: float = 30.0, sent: tuple[Sent, bytes] | None = None
+               ) -> dict[str, Any]:
+    """Publish the labelled record of a request sent earlier from this machine (``sent``:
+    what ``recall`` found for it, if the caller looked first); returns what was published,
+    without the image."""
+    entry, image = sent or recall(cfg, request_id)
     record = Record(request_id, label, image, "feedback", int(time.time() * 1000),
                     entry.predicted, entry.model_name, entry.model_version)
     if cfg.broker.create_topics:

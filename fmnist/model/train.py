@@ -3,18 +3,23 @@
 The input pipeline is numpy (a ``keras.utils.PyDataset``), so nothing here needs TensorFlow and
 the same code trains on the JAX backend. Augmentation is a random horizontal flip and a shift of
 up to 2 pixels: garments are left-right symmetric and the dataset's objects are centred loosely.
+
+With ``train.with_feedback`` the labelled images users sent back (fmnist/feedback.py, read from
+``serve.broker``) join the images the model is fitted on, never the validation or test images,
+so that the accuracy figures stay comparable between models.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -25,6 +30,11 @@ from fmnist.errors import Cancelled, Interrupted, ModelError
 from fmnist.model import artifacts, calibration
 from fmnist.model.network import build, multiply_adds
 from fmnist.runtime import device_description, keras_module, library_versions, select_backend
+
+if TYPE_CHECKING:
+    from fmnist.feedback import TrainingSet
+
+log = logging.getLogger("fmnist.model.train")
 
 
 class TrainReporter(Protocol):
@@ -98,6 +108,7 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
     ``StopCheck``; a stopped run raises ``Cancelled`` or ``Interrupted`` and keeps its
     checkpoint.
     """
+    extra = _feedback(cfg)  # first: a broker that is down fails the run before any work
     select_backend("auto", cfg.train.threads, auto="tensorflow")
     keras = keras_module(cfg.train.threads, deterministic=True)
     keras.utils.set_random_seed(cfg.train.seed)
@@ -113,12 +124,16 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
     targets = onehot.copy()
     if cfg.train.teacher is not None:  # only the images this run uses (--limit)
         targets[order] = distillation_targets(cfg, images[order], onehot[order])
+    fit_images, fit_targets = images[fit_idx], targets[fit_idx]
+    if extra is not None and len(extra.labels):  # what users labelled: their word, no teacher
+        fit_images = np.concatenate([fit_images, extra.images])
+        fit_targets = np.concatenate([fit_targets, np.eye(10, dtype=np.float32)[extra.labels]])
 
     checkpoint = Checkpoint(checkpoint_dir, cfg) if checkpoint_dir else None
     resumed = checkpoint.load() if checkpoint else None
     initial_epoch = resumed.epochs_done if resumed else 0
     # A resumed run shuffles with another seed: the epochs it has left see new orders.
-    batches = _batches(images[fit_idx], targets[fit_idx], cfg.train.batch_size,
+    batches = _batches(fit_images, fit_targets, cfg.train.batch_size,
                        cfg.train.seed + initial_epoch, cfg.train.augment)
     if resumed:
         model = resumed.model
@@ -133,8 +148,8 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
     reporter.start(device, cfg.train.epochs, len(batches),
                    f"{model.count_params():,} parameters, "
                    f"{multiply_adds(model) / 1e6:.1f} M multiply-adds per image, "
-                   f"{len(fit_idx):,} training / {n_val:,} validation images, source: "
-                   f"{source.describe()}", initial_epoch)
+                   f"{len(fit_images):,} training / {n_val:,} validation images, source: "
+                   f"{source.describe()}{_feedback_summary(extra)}", initial_epoch)
     # Validated against the true labels, through the same numpy batches as training (numpy
     # arrays would go through tf.data, which logs a spurious C++ error on TensorFlow 2.21).
     val_data = (_batches(images[val_idx], onehot[val_idx], 512, cfg.train.seed, aug=False)
@@ -153,7 +168,7 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
         raise (Cancelled if stopped[0] == "cancelled" else Interrupted)(
             f"Training stopped ({stopped[0]}) during epoch {_epoch_of(fitted) + 1}.")
     history = _merged(resumed.history if resumed else {}, fitted.history)
-    bn_images = reestimate_batchnorm(model, images[fit_idx])
+    bn_images = reestimate_batchnorm(model, fit_images)
 
     calibrated = _calibrate(model, images[val_idx], labels[val_idx]) if n_val else \
         {"temperature": 1.0}
@@ -166,19 +181,44 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
         # last val_accuracy used the moving averages of training
         "val_accuracy": calibrated.get("val_accuracy"),
         "train_seconds": round(train_seconds, 1),
-        "images_per_second": round(len(fit_idx) * cfg.train.epochs / train_seconds, 1),
+        "images_per_second": round(len(fit_images) * cfg.train.epochs / train_seconds, 1),
         "epochs": cfg.train.epochs,
         "multiply_adds": multiply_adds(model),
         "parameters": int(model.count_params()),
         "batchnorm_reestimated_on": bn_images,
     }
+    lineage: dict[str, Any] = {}
+    if extra is not None:
+        metrics["feedback_images"] = len(extra.labels)
+        lineage["feedback"] = extra.describe()
     meta = artifacts.make_meta(
         name=cfg.model.name, config=as_dict(cfg), metrics=metrics, versions=library_versions(),
         dataset={**train_split.sha256, **test_split.sha256}, device=device, calibration=calibrated,
-        history=history)
+        history=history, **lineage)
     weights = artifacts.save(model, meta, cfg.weights_path)
     curve = plot_history(history, weights.with_suffix(".curve.png"), cfg.model.name)
     return TrainResult(weights, json.loads(artifacts.meta_path(weights).read_text()), curve)
+
+
+def _feedback(cfg: Config) -> TrainingSet | None:
+    """The labelled images of the feedback topic, with ``train.with_feedback``; else None."""
+    if not cfg.train.with_feedback:
+        return None
+    from fmnist import feedback  # the broker's client only when asked for
+
+    extra = feedback.training_set(cfg)
+    if not len(extra.labels):
+        log.warning("no labelled images on %s (%s): training on the dataset alone",
+                    extra.topic, extra.broker)
+    return extra
+
+
+def _feedback_summary(extra: TrainingSet | None) -> str:
+    if extra is None:
+        return ""
+    if not len(extra.labels):
+        return f"; no labelled images on {extra.topic} ({extra.broker}): the dataset alone"
+    return f" + {len(extra.labels):,} labelled images from {extra.topic} ({extra.broker})"
 
 
 def reestimate_batchnorm(model: Any, images: np.ndarray, batch: int = 250,
