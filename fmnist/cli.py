@@ -784,9 +784,16 @@ def jobs_cancel_cmd(
                  f"cancelled. Follow it: fmnist jobs watch {job_id} --broker {cfg.serve.broker}")
 
 
+# The group's own module imports the options and helpers defined above, so it comes last.
+from fmnist.registry.commands import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
+

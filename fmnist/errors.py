@@ -48,6 +48,10 @@ class ModelError(MissingArtifactError):
     """Weights are missing, or their meta.json does not match what this code expects."""
 
 
+class IncompatibleModel(ModelError):
+    """Weights that load but do not fit this code: other classes, input shape or preprocessing."""
+
+
 class ImageError(FmnistError):
     """One image could not be accepted. ``code`` is the stable error code sent on the wire."""
 

@@ -9,19 +9,22 @@ event published since (docs/decisions.md#job-history).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fmnist.brokers.base import Broker, Consumer
+from fmnist.brokers.base import Broker, Consumer, Message
 from fmnist.jobs.protocol import FINAL, parse_event
 
 QUIET_S = 0.5  # the history is read once nothing more arrives for this long
 MAX_HISTORY = 10_000  # events a reader may have in hand at once (Pub/Sub flow control)
 
 
-def read(broker: Broker, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """Every event the topic holds now, oldest first.
+def read(broker: Broker, topic: str, timeout_s: float = 30.0,
+         parse: Callable[[Message], dict[str, Any] | None] = parse_event
+         ) -> list[dict[str, Any]]:
+    """Every event the topic holds now, oldest first (``parse`` reads one, None skips it; the
+    model registry's announcements are read the same way).
 
     Reading takes nothing away: each batch is given back as soon as it is read (on Pub/Sub a
     nack, so the history subscription delivers it again, to this reader or to another one
@@ -41,7 +44,7 @@ def read(broker: Broker, topic: str, timeout_s: float = 30.0) -> list[dict[str, 
                 fresh = [m for m in batch if m.source_id not in seen]
                 if fresh:
                     seen.update(m.source_id for m in fresh)
-                    events.extend(e for m in fresh if (e := parse_event(m)) is not None)
+                    events.extend(e for m in fresh if (e := parse(m)) is not None)
                     last_new = time.monotonic()
             if time.monotonic() - last_new >= QUIET_S:
                 break

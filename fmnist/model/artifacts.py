@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.data import CLASS_NAMES
-from fmnist.errors import ModelError
+from fmnist.errors import IncompatibleModel, ModelError
 from fmnist.model.network import INPUT_SHAPE, PREPROCESSING
 
 META_FORMAT = 1
@@ -102,7 +102,7 @@ def read_meta(weights: Path) -> dict[str, Any]:
         if meta.get("preprocessing") != PREPROCESSING:
             problems.append("preprocessing rule differs")
     if problems:
-        raise ModelError(f"{weights} is incompatible with this version of fmnist: "
+        raise IncompatibleModel(f"{weights} is incompatible with this version of fmnist: "
                          f"{'; '.join(problems)}.",
                          "Retrain with `fmnist train`, or use the fmnist version that made it.")
     return meta
@@ -121,6 +121,10 @@ def load_model(weights: Path) -> tuple[Any, dict[str, Any]]:
         model.load_weights(weights)
     except Exception as exc:  # Keras and zipfile raise many types for a damaged archive
         raise ModelError(f"{weights} could not be loaded: {exc}", TRAIN_HINT) from None
+    shape = tuple(getattr(model, "input_shape", (None, *INPUT_SHAPE))[1:])
+    if shape != tuple(INPUT_SHAPE):  # a meta.json can claim what the network does not take
+        raise IncompatibleModel(f"{weights} takes input {shape}, not {tuple(INPUT_SHAPE)} "
+                                "as its meta.json says.", TRAIN_HINT)
     return model, {**meta, "version": file_version(weights)}
 
 

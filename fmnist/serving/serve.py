@@ -15,6 +15,8 @@ from types import FrameType
 from fmnist import logs
 from fmnist.brokers import connect
 from fmnist.config import Config
+from fmnist.registry.follower import Announcer, Follower, starting_model
+from fmnist.registry.store import open_store
 from fmnist.serving.handler import PredictionHandler
 from fmnist.serving.metrics import HealthServer, InstrumentedBroker, Metrics
 from fmnist.serving.reload import Reloader
@@ -44,12 +46,24 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     def load(path: Path) -> Predictor:
         return Predictor.configured(cfg, cfg.serve.max_batch_size, path)
 
-    predictor = load(cfg.weights_path)
+    broker = connect(cfg.serve.broker, cfg)
+    metrics = Metrics(cfg.serve.broker)
+
+    def refused(name: str, version: str, reason: str) -> None:
+        metrics.model_refusals.labels(reason=reason).inc()
+        metrics.last_refusal.clear()
+        metrics.last_refusal.labels(name=name, version=version, reason=reason).set_to_current_time()
+
+    # With registry.follow the worker starts on, and follows, the promoted version of
+    # model.name (fmnist.registry.follower); otherwise it serves its local weights.
+    store = announcer = None
+    if cfg.registry.follow:
+        store = open_store(cfg, broker)
+        announcer = Announcer(cfg, broker, worker_id, on_refusal=refused)
+    predictor, generation = starting_model(cfg, store, load, announcer)
     log.info("model %s@%s loaded and warmed in %.2f s (%s backend)", predictor.name,
              predictor.version, predictor.load_seconds, predictor.backend)
     log.info("forward pass ms per call by batch shape: %s", predictor.bucket_ms)
-    broker = connect(cfg.serve.broker, cfg)
-    metrics = Metrics(cfg.serve.broker)
     metrics.set_model(predictor.name, predictor.version)
     handler = PredictionHandler(cfg, predictor, worker_id)
     worker = Worker(cfg, InstrumentedBroker(broker, metrics), handler, freeze_heap=True)
@@ -70,6 +84,10 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     reloader = Reloader(cfg.weights_path, load, swap, watch=reload,
                         on_result=lambda r: metrics.reloads.labels(result=r).inc()).start()
     signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
+    follower = None
+    if store is not None and announcer is not None:
+        follower = Follower(cfg, broker, store, load, swap, predictor, generation,
+                            announcer).start()
     log.info("serving %s on %s -> %s (group %s, max batch %d, max wait %g ms)",
              cfg.serve.broker, cfg.broker.request_topic, cfg.broker.response_topic, worker.group,
              cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
@@ -83,6 +101,9 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
         worker.run()
     finally:
         reloader.stop()
+        if follower:
+            follower.stop()
+            follower.join(2.0)
         if status:
             status.stop()
         if health:

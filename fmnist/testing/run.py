@@ -89,6 +89,7 @@ class Run:
         self.broker = connect(broker_name, self.cfg)
         self.workers: list[WorkerProcess] = []
         self.expected: dict[str, str | None] = {}  # request id -> sample image name, or None
+        self.sent_at_ms: dict[str, int] = {}  # request id -> its sent_at header
         self.answers: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.letters: dict[str, list[Message]] = defaultdict(list)  # by dlq_request_id
         self.letters_by_sent_id: dict[str, list[Message]] = defaultdict(list)  # by request_id
@@ -141,6 +142,9 @@ class Run:
                                for rid, payload, headers, _ in requests], timeout_s=timeout_s)
         with self._lock:
             self.expected.update({rid: name for rid, _, _, name in requests})
+            self.sent_at_ms.update({rid: int(headers[protocol.SENT_AT])
+                                    for rid, _, headers, _ in requests
+                                    if headers.get(protocol.SENT_AT, "").isdigit()})
 
     def good(self, prefix: str, n: int, start: int = 0) -> list[tuple[str, bytes, dict[str, str],
                                                                       str | None]]:

@@ -161,15 +161,20 @@ class KafkaBroker:
                 failures.append(f"{server}: {getattr(exc, 'strerror', None) or exc}")
         raise self.unreachable("; ".join(failures))
 
-    def ensure_topics(self, topics: list[str]) -> None:
-        """Create the missing topics (``kafka.partitions`` x ``kafka.replication_factor``)."""
+    def ensure_topics(self, topics: list[str], partitions: int | None = None,
+                      topic_config: dict[str, str] | None = None) -> None:
+        """Create the missing topics (``kafka.partitions``, or ``partitions``, x
+        ``kafka.replication_factor``), with ``topic_config`` on top of ours (the model store's
+        are compacted)."""
         k = self.cfg.kafka
         existing = self.metadata().topics
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         if not missing:
             return
-        new = [NewTopic(t, num_partitions=k.partitions, replication_factor=k.replication_factor,
-                        config={"message.timestamp.type": "LogAppendTime"}) for t in missing]
+        config = {"message.timestamp.type": "LogAppendTime", **(topic_config or {})}
+        new = [NewTopic(t, num_partitions=partitions or k.partitions,
+                        replication_factor=k.replication_factor, config=config)
+               for t in missing]
         with self.translated(f"create topics {', '.join(missing)}"):
             futures = self.admin().create_topics(new, operation_timeout=self.timeout_ms / 1000,
                                                  request_timeout=self.timeout_ms / 1000)
@@ -185,7 +190,7 @@ class KafkaBroker:
                                   f"{errors.reason_of(exc)}",
                                   "Check the name ([a-zA-Z0-9._-], at most 249 characters), "
                                   "`kafka.partitions` and `kafka.replication_factor`.") from None
-            log.info("created Kafka topic %s (%d partitions)", topic, k.partitions)
+            log.info("created Kafka topic %s (%d partitions)", topic, partitions or k.partitions)
         self._wait_for_topics(missing)
 
     def _wait_for_topics(self, topics: list[str]) -> None:
