@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fmnist.brokers import Broker
 from fmnist.config import Config
 from fmnist.errors import ConfigError, DataError, FmnistError, ModelError
 from fmnist.jobs.protocol import Job, JobRejected
@@ -83,6 +84,24 @@ def run(cfg: Config, job: Job, publish: Publish, checkpoint_dir: Path,
                 "metrics": {"accuracy": ev.accuracy, "loss": ev.loss},
                 "per_class": ev.per_class, "confusion": ev.confusion,
                 "pictures": {"confusion": png(ev.confusion_png), "errors": png(ev.errors_png)}}
+
+
+def publish_trained(cfg: Config, broker: Broker, weights: Path, job_id: str) -> dict[str, Any]:
+    """Publish what a train job made to the model store (``registry.publish_trained``), with
+    the job as its lineage; the result says where, or why not. Not promoted: that stays a
+    person's decision (``fmnist models promote``)."""
+    from fmnist.registry import ops
+    from fmnist.registry.store import open_store
+
+    try:
+        store = open_store(cfg, broker)
+        try:
+            manifest = ops.publish(cfg, broker, store, weights, trained_by=job_id)
+        finally:
+            store.close()
+    except FmnistError as exc:  # the model is trained and saved; say why it is not published
+        return {"published": None, "publish_error": exc.message}
+    return {"published": {"ref": manifest.ref, "store": store.where}}
 
 
 def failure(exc: BaseException) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -167,6 +168,9 @@ class JobWorker:
         try:
             cfg = job_config(self.cfg, job)
             fields = runner.run(cfg, job, publish, folder, stop)
+            if job.kind == "train" and cfg.registry.publish_trained:
+                fields.update(runner.publish_trained(cfg, self.broker,
+                                                     Path(fields["model"]["weights"]), job.job_id))
             status, error = "succeeded", None
         except Cancelled as exc:
             status, error = "cancelled", {"code": "cancelled", "message": exc.message,

@@ -43,7 +43,11 @@ class JobsSetup:
                          "FMNIST_JOBS__EVENTS_TOPIC": self.events,
                          "FMNIST_JOBS__DLQ_TOPIC": self.dlq, "FMNIST_SERVE__BROKER": broker_name,
                          "FMNIST_TRAIN__TEACHER": "", "FMNIST_PUBSUB__ACK_DEADLINE_S": "10",
-                         "FMNIST_KAFKA__GROUP_ID": f"jobworkers-{tag}"}
+                         "FMNIST_KAFKA__GROUP_ID": f"jobworkers-{tag}",
+                         "FMNIST_REGISTRY__TOPIC": f"models-{tag}",
+                         "FMNIST_REGISTRY__BLOB_TOPIC": f"models-{tag}.blobs",
+                         "FMNIST_REGISTRY__EVENTS_TOPIC": f"modelevents-{tag}",
+                         "FMNIST_REGISTRY__DIR": str(tmp / "store")}
         self.client_home = tmp / "client"
         self.workers: list[WorkerProcess] = []
         self.recorder: Recorder
@@ -165,6 +169,16 @@ def test_train_job_streams_progress_returns_its_model_and_can_be_watched_again(
     assert "epoch 2/2: loss" in run.stderr and "Started on job worker w1" in run.stderr
 
     job_id = result["job_id"]
+    # published to the model store, with the job in its lineage; promoting stays a decision
+    assert result["published"]["ref"] == f"remote@{result['model']['version']}", result
+    shown = jobs.fmnist("models", "show", result["published"]["ref"], "--broker",
+                        jobs.broker_name, "--json")
+    assert shown.returncode == 0, shown.stderr
+    [version] = json.loads(shown.stdout)["versions"]
+    assert version["lineage"]["trained_by_job"] == job_id and version["lineage"]["dataset"]
+    assert version["metrics"]["test_accuracy"] == result["metrics"]["test_accuracy"]
+    assert json.loads(shown.stdout)["serving"] is None
+
     events = job_events(events_broker, jobs, job_id)
     types = [e["type"] for e in events]
     assert types[0] == "submitted" and types[-1] == "result" and types.count("result") == 1
