@@ -201,6 +201,13 @@ def render_job_result(result: dict[str, Any], cfg: config_module.Config, as_json
             f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs in "
             f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} img/s)",
             highlight=False)
+        if published := result.get("published"):
+            console.info(f"published {published['ref']} to {published['store']}; serve it "
+                         f"everywhere: fmnist models promote {published['ref']} "
+                         f"--broker {cfg.serve.broker}")
+        elif result.get("publish_error"):
+            console.error(f"The model was not published: {result['publish_error']}",
+                          "Publish it by hand: fmnist models publish WEIGHTS")
     elif result.get("status") == "succeeded":
         render_evaluation(result["model"]["name"], result["model"]["version"],
                           result["per_class"], result["metrics"]["accuracy"],
