@@ -530,7 +530,7 @@ def feedback_cmd(
     Examples:
 
         fmnist feedback 5f0c1d2e9a7b4c3d8e1f2a3b4c5d6e7f 7 --broker kafka
-        fmnist feedback 5f0c1d2e9a7b4c3d8e1f2a3b4c5d6e7f sneaker --broker pubsub --json
+        fmnist feedback 5f0c1d2e9a7b4c3d8e1f2a3b4c5d6e7f Sneaker -b pubsub --json
     """
     from fmnist import console, feedback
     from fmnist.brokers import connect

@@ -21,8 +21,8 @@ import fmnist
 from fmnist.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["config", "data", "train", "evaluate", "predict", "serve", "send", "listen", "dlq",
-            "status"]
+COMMANDS = ["config", "data", "train", "evaluate", "predict", "serve", "send", "feedback",
+            "listen", "dlq", "status"]
 runner = CliRunner()
 
 
@@ -189,3 +189,19 @@ def test_unknown_broker_is_a_usage_error() -> None:
     result = runner.invoke(app, ["send", "sneaker7.png", "--broker", "rabbitmq"])
     assert result.exit_code == 2
     assert "kafka" in result.output and "pubsub" in result.output
+
+
+def test_send_refuses_a_label_that_is_not_one_before_contacting_any_broker(monkeypatch) -> None:
+    monkeypatch.setenv("FMNIST_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    result = runner.invoke(app, ["send", "sneaker7.png", "--broker", "kafka", "--label", "11"])
+    assert result.exit_code == 2
+    assert "'11' is not a label" in result.output and "7 Sneaker" in result.output
+
+
+def test_feedback_for_an_unknown_request_is_exit_3_before_contacting_any_broker(
+        monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("FMNIST_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("FMNIST_FEEDBACK__SENT_DIR", str(tmp_path / "sent"))
+    result = runner.invoke(app, ["feedback", "abc123", "sneaker", "--broker", "kafka"])
+    assert result.exit_code == 3
+    assert str(tmp_path / "sent") in result.output and "fmnist send" in result.output
