@@ -15,6 +15,11 @@ import typer
 
 from fmnist.cli import BrokerOption, ConfigOption, JsonOption, handle_errors, job_broker
 
+WaitOption = Annotated[int, typer.Option(
+    "--wait", metavar="WORKERS", help="Wait until this many workers announce that they serve "
+    "it (or refused it); exit 3 if one refused, 4 after --timeout.")]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds --wait waits.")]
+
 models_app: typer.Typer = typer.Typer(
     help="Models every worker reaches through the broker: publish, promote, roll back, list and "
          "show.", no_args_is_help=True)
@@ -159,6 +164,7 @@ def promote_cmd(ref: Annotated[str, typer.Argument(help="NAME@VERSION (a version
                 max_drop: Annotated[float | None, typer.Option(
                     help="Refuse if its test accuracy is more than this under the serving "
                          "model's (0-1).")] = None,
+                wait: WaitOption = 0, timeout: TimeoutOption = 60.0,
                 broker: BrokerOption = None, config: ConfigOption = None,
                 as_json: JsonOption = False) -> None:
     """Make a published version the one every worker serves.
@@ -169,25 +175,61 @@ def promote_cmd(ref: Annotated[str, typer.Argument(help="NAME@VERSION (a version
     Examples:
 
         fmnist models promote fmnist@3f2a9c1d0b7e --broker kafka
-        fmnist models promote fmnist@3f2a --min-accuracy 0.92 --max-drop 0.005 --broker pubsub
+        fmnist models promote fmnist@latest --min-accuracy 0.92 --max-drop 0.005 --wait 2
     """
-    from fmnist import console
     from fmnist.registry import ops
 
     with registry(config, broker) as (cfg, b, store):
-        pointer = ops.promote(cfg, b, store, ref, min_accuracy, max_drop)
+        watch = ops.FleetWatch(cfg, b) if wait else None
+        try:
+            pointer = ops.promote(cfg, b, store, ref, min_accuracy, max_drop)
+            report(cfg, pointer, "promoted", watch, wait, timeout, as_json)
+        finally:
+            if watch:
+                watch.close()
+
+
+def report(cfg: Any, pointer: Any, done: str, watch: Any, workers: int, timeout_s: float,
+           as_json: bool) -> None:
+    """Say what was done; with ``--wait N``, follow the fleet until N workers took it."""
+    from fmnist import console
+    from fmnist.errors import BrokerTimeout, ModelError
+
+    if not as_json:
+        console.info(f"{done} {pointer.name}@{pointer.version} (generation "
+                     f"{pointer.generation})" + ("" if watch else
+                     f"; workers switch within seconds: fmnist models show {pointer.name} "
+                     f"--broker {cfg.serve.broker}"))
+
+    def seen(e: dict[str, Any]) -> None:
+        if not as_json:
+            console.info(f"  {e['worker_id']}: " + (
+                f"serving it ({e['prepare_s']:.2f} s to fetch, check and warm)"
+                if e["type"] == "serving" and e.get("prepare_s") is not None else
+                "serving it" if e["type"] == "serving" else
+                f"REFUSED it ({e.get('reason')}: {e.get('detail')})"))
+
+    answers = watch.wait(pointer, workers, timeout_s, seen) if watch else {}
     if as_json:
-        console.print_json(pointer.as_dict())
-        return
-    console.info(f"promoted {pointer.name}@{pointer.version} (generation {pointer.generation}); "
-                 f"workers switch within seconds: fmnist models show {pointer.name} "
-                 f"--broker {cfg.serve.broker}")
+        console.print_json({**pointer.as_dict(), "workers": answers})
+    refused = [e for e in answers.values() if e["type"] == "refused"]
+    if refused:
+        raise ModelError(f"{len(refused)} worker(s) refused {pointer.name}@{pointer.version} "
+                         "and serve the previous version.",
+                         f"Roll back: fmnist models rollback {pointer.name} --broker "
+                         f"{cfg.serve.broker}")
+    if watch and len(answers) < workers:
+        raise BrokerTimeout(f"{len(answers)} of {workers} worker(s) announced "
+                            f"{pointer.name}@{pointer.version} within {timeout_s:g} s.",
+                            f"See where each is: fmnist models show {pointer.name} --broker "
+                            f"{cfg.serve.broker}")
 
 
 @models_app.command("rollback")
 @handle_errors
 def rollback_cmd(name: Annotated[str | None, typer.Argument(
                      help="Model name (default: model.name).")] = None,
+                 wait: WaitOption = 0, timeout: TimeoutOption = 60.0,
                  broker: BrokerOption = None, config: ConfigOption = None,
                  as_json: JsonOption = False) -> None:
     """Serve again the version served before the current one.
@@ -195,15 +237,15 @@ def rollback_cmd(name: Annotated[str | None, typer.Argument(
     Examples:
 
         fmnist models rollback --broker kafka
-        fmnist models rollback fmnist --broker pubsub --json
+        fmnist models rollback fmnist --broker pubsub --wait 2
     """
-    from fmnist import console
     from fmnist.registry import ops
 
     with registry(config, broker) as (cfg, b, store):
-        pointer = ops.rollback(cfg, b, store, name or cfg.model.name)
-    if as_json:
-        console.print_json(pointer.as_dict())
-        return
-    console.info(f"rolled back to {pointer.name}@{pointer.version} "
-                 f"(generation {pointer.generation})")
+        watch = ops.FleetWatch(cfg, b) if wait else None
+        try:
+            pointer = ops.rollback(cfg, b, store, name or cfg.model.name)
+            report(cfg, pointer, "rolled back to", watch, wait, timeout, as_json)
+        finally:
+            if watch:
+                watch.close()

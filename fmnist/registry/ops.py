@@ -8,6 +8,7 @@ check. The store is the truth, the announcements are its news and its history.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from fmnist.config import Config
 from fmnist.errors import BrokerError, ModelError, UsageError
 from fmnist.model import artifacts
 from fmnist.registry.protocol import (
+    LATEST,
     VERSION_CHARS,
     Manifest,
     Pointer,
@@ -89,6 +91,8 @@ def resolve(store: Store, ref: str, default_name: str) -> Manifest:
     if version is None:
         raise UsageError(f"Say which version of {name}: {name}@VERSION.",
                          f"`fmnist models list {name}` shows them.")
+    if version == LATEST:
+        return manifests[-1]
     matches = [m for m in manifests if m.sha256.startswith(version)]
     if len(matches) != 1:
         problem = "is ambiguous" if matches else "is not published"
@@ -232,3 +236,36 @@ def _summary(m: Manifest) -> dict[str, Any]:
     return {"ref": m.ref, "version": m.version, "sha256": m.sha256, "size": m.size,
             "metrics": m.metrics, "lineage": m.lineage, "published_at": m.published_at,
             "published_by": m.published_by, "location": m.location}
+
+
+class FleetWatch:
+    """Announcements of one model from the moment it is made: open it before a promote or a
+    rollback, then ``wait`` for the workers to take the new version."""
+
+    def __init__(self, cfg: Config, broker: Broker) -> None:
+        if cfg.broker.create_topics:
+            broker.ensure_topics([cfg.registry.events_topic])
+        self.reader = broker.consumer(cfg.registry.events_topic, group=None)
+
+    def wait(self, pointer: Pointer, workers: int, timeout_s: float,
+             seen: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+        """Each worker's first ``serving`` or ``refused`` of ``pointer``'s generation, until
+        ``workers`` of them answered or ``timeout_s`` passed."""
+        answers: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(answers) < workers and (left := deadline - time.monotonic()) > 0:
+            batch = self.reader.next_batch(100, timeout_s=min(left, 0.25))
+            self.reader.commit(batch)
+            for message in batch:
+                e = parse_event(message)
+                if (e is not None and e["name"] == pointer.name
+                        and e["type"] in ("serving", "refused")
+                        and e.get("generation") == pointer.generation
+                        and e.get("worker_id") not in answers):
+                    answers[e["worker_id"]] = e
+                    if seen is not None:
+                        seen(e)
+        return answers
+
+    def close(self) -> None:
+        self.reader.close()

@@ -37,6 +37,7 @@ EVENT_TYPES = ("published", "promoted", "rolled_back", "serving", "refused")
 REFUSAL_REASONS = ("fetch", "checksum", "incompatible", "load", "canary")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_CHARS = 12  # as artifacts.file_version
+LATEST = "latest"
 
 
 def sha256_of(path: Path) -> str:
@@ -103,16 +104,19 @@ class Pointer:
 
 
 def parse_ref(ref: str, default_name: str | None = None) -> tuple[str, str | None]:
-    """"NAME@VERSION" -> (name, version); "NAME" -> (name, None); "@VERSION" uses the default."""
+    """"NAME@VERSION" -> (name, version); "NAME" -> (name, None); "@VERSION" uses the default.
+    VERSION is a prefix of the SHA-256 (4 hex digits or more), or ``latest``: the newest
+    published."""
     name, _, version = ref.partition("@")
     name = name or (default_name or "")
     if not MODEL_NAME.fullmatch(name):
         raise UsageError(f"{ref!r} does not name a model: expected NAME or NAME@VERSION.",
                          "Names are letters, digits, '.', '_' and '-'; `fmnist models list` "
                          "shows what is published.")
-    if version and not re.fullmatch(r"[0-9a-f]{4,64}", version):
+    if version and version != LATEST and not re.fullmatch(r"[0-9a-f]{4,64}", version):
         raise UsageError(f"{version!r} is not a model version: versions are hex digits (the "
-                         "start of the weights' SHA-256).", "`fmnist models list` shows them.")
+                         "start of the weights' SHA-256), or `latest`.",
+                         "`fmnist models list` shows them.")
     return name, version or None
 
 

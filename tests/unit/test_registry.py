@@ -236,3 +236,25 @@ def _as_messages(broker: MemoryBroker, cfg: config.Config) -> list[Any]:
 
     return [Message(m.value, m.headers, m.key, m.topic, str(i), None, 0.0)
             for i, m in enumerate(broker.topics.get(cfg.registry.events_topic, []))]
+
+
+def test_publish_records_lineage_and_the_same_bytes_twice_are_one_version(
+        tmp_path: Path, cfg: config.Config, store: DirStore) -> None:
+    broker = MemoryBroker()
+    shipped = ROOT / "weights" / "fmnist.keras"
+    first = ops.publish(cfg, broker, store, shipped, trained_by="job-1")
+    assert first.version == META["version"] and first.sha256.startswith(first.version)
+    assert first.lineage["trained_by_job"] == "job-1" and first.lineage["parent"] is None
+    assert first.lineage["dataset"] == META["dataset"]
+    assert set(first.lineage["config"]) == {"model", "train"}
+    assert ops.publish(cfg, broker, store, shipped) == first  # nothing new
+    ops.promote(cfg, broker, store, first.ref)
+    full = ops.publish(cfg, broker, store, ROOT / "weights" / "fmnist-full.keras", name="fmnist")
+    assert full.meta["name"] == "fmnist" and full.lineage["parent"] == first.ref
+    assert [r["version"] for r in ops.listing(store)] == [full.version, first.version]
+    assert [r["serving"] for r in ops.listing(store)] == [False, True]
+    assert ops.resolve(store, "fmnist@latest", "fmnist") == full
+    events = [parse_event(m) for m in _as_messages(broker, cfg)]
+    assert [e["type"] for e in events if e] == ["published", "promoted", "published"]
+    with pytest.raises(ModelError, match="No model weights"):
+        ops.publish(cfg, broker, store, tmp_path / "missing.keras")
