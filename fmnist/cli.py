@@ -281,7 +281,9 @@ def train_cmd(
         if remote is not None:
             render_job_result(remote, cfg, as_json)
         return
-    result = train.train(cfg, console.TrainProgress())
+    from fmnist import feedback
+
+    result = train.train(cfg, console.TrainProgress(), extra=feedback.for_training(cfg))
     metrics = result.meta["metrics"]
     if as_json:
         console.print_json({"weights": str(result.weights), **metrics})

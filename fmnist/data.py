@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,17 @@ class Split:
     images: np.ndarray  # uint8 [N, 28, 28]
     labels: np.ndarray  # uint8 [N]
     sha256: dict[str, str]  # file -> checksum of its content, recorded in meta.json
+
+
+@dataclass(frozen=True)
+class ExtraImages:
+    """Labelled images a training run adds to its fit set (never to validation or test):
+    users' feedback (``fmnist.feedback.training_set``). ``source`` says where they came from;
+    the model's meta.json records it."""
+
+    images: np.ndarray  # uint8 [N, 28, 28]
+    labels: np.ndarray  # [N]
+    source: dict[str, Any]  # images, records, sha256, topic, broker
 
 
 def candidate_dirs(cfg: DataConfig) -> list[Path]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fmnist.brokers.base import Broker, Message, OutMessage
 from fmnist.config import Config, ImagingConfig
+from fmnist.data import ExtraImages
 from fmnist.errors import MissingArtifactError, UsageError
 
 if TYPE_CHECKING:
@@ -209,24 +210,16 @@ def checksum(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class TrainingSet:
-    """The labelled images a training run adds to its fit set, and where they came from."""
-
-    images: np.ndarray  # uint8 [n, 28, 28]
-    labels: np.ndarray  # int64 [n]
-    records: int  # labelled requests read (one per request id)
-    sha256: str
-    topic: str
-    broker: str
-
-    def describe(self) -> dict[str, Any]:
-        return {"images": len(self.labels), "records": self.records, "sha256": self.sha256,
-                "topic": self.topic, "broker": self.broker}
+def for_training(cfg: Config) -> ExtraImages | None:
+    """What a training run adds to its fit set: the labelled images with
+    ``train.with_feedback``, else None. Called before any training work, so a broker that is
+    down fails the run at once."""
+    return training_set(cfg) if cfg.train.with_feedback else None
 
 
-def training_set(cfg: Config) -> TrainingSet:
-    """Read the feedback topic of ``serve.broker`` and decode it for training."""
+def training_set(cfg: Config) -> ExtraImages:
+    """Read the feedback topic of ``serve.broker`` and decode it for training (what the train
+    command and a train job pass to ``model.train.train`` with ``train.with_feedback``)."""
     from fmnist.brokers import connect
 
     b = connect(cfg.serve.broker, cfg)
@@ -236,8 +229,12 @@ def training_set(cfg: Config) -> TrainingSet:
     finally:
         b.close()
     images, labels = training_images(records, cfg.imaging)
-    return TrainingSet(images, labels, len(records), checksum(records), cfg.feedback.topic,
-                       cfg.serve.broker)
+    if not len(labels):
+        log.warning("no labelled images on %s (%s): training on the dataset alone",
+                    cfg.feedback.topic, cfg.serve.broker)
+    return ExtraImages(images, labels, {
+        "images": len(labels), "records": len(records), "sha256": checksum(records),
+        "topic": cfg.feedback.topic, "broker": cfg.serve.broker})
 
 
 # --- the sent cache: what `fmnist send` sent, so that `fmnist feedback ID N` can label it ---

@@ -66,10 +66,11 @@ def run(cfg: Config, job: Job, publish: Publish, checkpoint_dir: Path,
         stop: StopCheck) -> dict[str, Any]:
     """The result fields of a job that succeeded; raises what made it fail or stop."""
     if job.kind == "train":
+        from fmnist import feedback
         from fmnist.model import train
 
         result = train.train(cfg, EventReporter(publish, cfg.jobs.progress_per_s),
-                             checkpoint_dir, stop)
+                             checkpoint_dir, stop, extra=feedback.for_training(cfg))
         meta = result.meta
         return {"model": {"name": meta["name"], "version": meta["version"],
                           "weights": str(result.weights)},

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,9 +30,6 @@ from fmnist.errors import Cancelled, Interrupted, ModelError
 from fmnist.model import artifacts, calibration
 from fmnist.model.network import build, multiply_adds
 from fmnist.runtime import device_description, keras_module, library_versions, select_backend
-
-if TYPE_CHECKING:
-    from fmnist.feedback import TrainingSet
 
 log = logging.getLogger("fmnist.model.train")
 
@@ -99,16 +96,16 @@ StopCheck = Callable[[], str | None]
 
 
 def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = None,
-          stop: StopCheck | None = None) -> TrainResult:
+          stop: StopCheck | None = None, extra: data.ExtraImages | None = None) -> TrainResult:
     """Train, test, calibrate and save ``cfg.weights_path``.
 
     ``checkpoint_dir``: the model (with its optimizer state) and the history are saved there
     after every epoch, and a run that finds a checkpoint of the same settings there goes on
     from its last completed epoch (a job redelivered after its worker died). ``stop``: see
     ``StopCheck``; a stopped run raises ``Cancelled`` or ``Interrupted`` and keeps its
-    checkpoint.
+    checkpoint. ``extra``: labelled images added to the fit set (``train.with_feedback``: the
+    caller reads them with ``fmnist.feedback.training_set``, so this module needs no broker).
     """
-    extra = _feedback(cfg)  # first: a broker that is down fails the run before any work
     select_backend("auto", cfg.train.threads, auto="tensorflow")
     keras = keras_module(cfg.train.threads, deterministic=True)
     keras.utils.set_random_seed(cfg.train.seed)
@@ -190,7 +187,7 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
     lineage: dict[str, Any] = {}
     if extra is not None:
         metrics["feedback_images"] = len(extra.labels)
-        lineage["feedback"] = extra.describe()
+        lineage["feedback"] = extra.source
     meta = artifacts.make_meta(
         name=cfg.model.name, config=as_dict(cfg), metrics=metrics, versions=library_versions(),
         dataset={**train_split.sha256, **test_split.sha256}, device=device, calibration=calibrated,
@@ -200,25 +197,13 @@ def train(cfg: Config, reporter: TrainReporter, checkpoint_dir: Path | None = No
     return TrainResult(weights, json.loads(artifacts.meta_path(weights).read_text()), curve)
 
 
-def _feedback(cfg: Config) -> TrainingSet | None:
-    """The labelled images of the feedback topic, with ``train.with_feedback``; else None."""
-    if not cfg.train.with_feedback:
-        return None
-    from fmnist import feedback  # the broker's client only when asked for
-
-    extra = feedback.training_set(cfg)
-    if not len(extra.labels):
-        log.warning("no labelled images on %s (%s): training on the dataset alone",
-                    extra.topic, extra.broker)
-    return extra
-
-
-def _feedback_summary(extra: TrainingSet | None) -> str:
+def _feedback_summary(extra: data.ExtraImages | None) -> str:
     if extra is None:
         return ""
+    where = f"{extra.source.get('topic')} ({extra.source.get('broker')})"
     if not len(extra.labels):
-        return f"; no labelled images on {extra.topic} ({extra.broker}): the dataset alone"
-    return f" + {len(extra.labels):,} labelled images from {extra.topic} ({extra.broker})"
+        return f"; no labelled images on {where}: the dataset alone"
+    return f" + {len(extra.labels):,} labelled images from {where}"
 
 
 def reestimate_batchnorm(model: Any, images: np.ndarray, batch: int = 250,

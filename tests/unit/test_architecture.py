@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "fmnist"
 # package (or module) -> fmnist packages it must never import
 FORBIDDEN = {
-    "model": ("serving", "brokers", "client", "testing", "cli", "jobs", "registry"),
+    "model": ("serving", "brokers", "client", "testing", "cli", "jobs", "registry", "feedback"),
     "imaging": ("serving", "brokers", "model", "client", "testing", "cli", "registry"),
     "brokers": ("serving", "model", "imaging", "client", "testing", "cli", "registry"),
     "serving": ("client", "testing", "cli", "jobs"),
