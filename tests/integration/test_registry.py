@@ -52,8 +52,9 @@ def test_bad_models_are_refused_by_every_worker_which_serves_on(
     assert all(facts["alive"]), report.facts
     for reason in ("checksum", "incompatible", "canary"):
         assert facts["refused"][reason] == {w: reason for w in facts["workers"]}, facts["refused"]
-    for worker in facts["workers"]:
-        assert facts["switches"][worker] == [facts["v1"]], facts["switches"]  # v1 throughout
+    # every answer came from v1 (on Pub/Sub one worker may happen to get no request at all)
+    assert facts["switches"] and all(s == [facts["v1"]] for s in facts["switches"].values()), \
+        facts["switches"]
     assert facts["metrics_status"] == 200
     for reason in ("checksum", "incompatible", "canary"):
         assert re.search(rf'fmnist_model_refusals_total{{reason="{reason}"}} 1\.0',
