@@ -31,6 +31,8 @@ def test_readme_ship_a_new_model_walkthrough_runs_as_written(tmp_path: Path) -> 
     env = topics.env({"FMNIST_REGISTRY__TOPIC": f"models-{tag}",
                       "FMNIST_REGISTRY__BLOB_TOPIC": f"models-{tag}.blobs",
                       "FMNIST_REGISTRY__EVENTS_TOPIC": f"modelevents-{tag}",
+                      "FMNIST_FEEDBACK__TOPIC": f"feedback-{tag}",
+                      "FMNIST_FEEDBACK__SENT_DIR": str(tmp_path / "sent"),
                       # the worker's own weights directory starts empty: it fetches from the store
                       "FMNIST_MODEL__WEIGHTS_DIR": str(tmp_path / "weights")})
     full = json.loads((ROOT / "weights" / "fmnist-full.meta.json").read_text())["version"]
@@ -59,5 +61,7 @@ def test_readme_ship_a_new_model_walkthrough_runs_as_written(tmp_path: Path) -> 
     answered = next(o for o in outputs if "sneaker7.png" in o)
     assert f"fmnist@{full}" in answered  # the answer names the version promoted
     assert re.search(rf"rolled back to fmnist@{first}", text)
+    shown = next(o for o in outputs if "feedback accuracy" in o)
+    assert re.search(rf"fmnist@{full}.*100\.00% of 1", shown), shown  # the labelled request
     log = worker.output()
     assert f"now serving fmnist@{full}" in log and f"now serving fmnist@{first}" in log, log
