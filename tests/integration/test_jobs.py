@@ -77,8 +77,12 @@ class JobsSetup:
                               capture_output=True, text=True, timeout=timeout)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
+        """A client the test interrupts (Ctrl+C): SIGINT at its default in the child even when
+        the suite itself runs where it is ignored (a shell's background job inherits SIG_IGN,
+        and Python would then never raise KeyboardInterrupt)."""
         return subprocess.Popen([*FMNIST, *args], env=self.env(self.client_home), cwd=self.tmp,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def config(self) -> config.Config:
         return config.load(env=self.env(self.client_home))
