@@ -31,7 +31,7 @@ from fmnist.registry.store import Store
 from fmnist.registry.verify import Refused
 
 log = logging.getLogger("fmnist.registry.follower")
-RETRY_S = 2.0  # after a broker problem, before listening again
+RETRY_S, MAX_RETRY_S = 2.0, 60.0  # after a broker problem, before listening again
 WAKE_TYPES = ("promoted", "rolled_back")
 
 
@@ -158,6 +158,7 @@ class Follower:
         reader: Consumer | None = None
         next_check = 0.0
         announced = False
+        retry_s, last_problem = RETRY_S, ""
         while not self._stop.is_set():
             try:
                 if reader is None:
@@ -180,12 +181,19 @@ class Follower:
                 if time.monotonic() >= next_check:
                     self.check()
                     next_check = time.monotonic() + self.cfg.registry.check_every_s
+                if last_problem:
+                    log.info("model registry reachable again")
+                retry_s, last_problem = RETRY_S, ""
             except BrokerError as exc:
-                log.warning("model registry unreachable (%s); serving %s@%s, trying again in "
-                            "%g s", exc.message, self.name, self.current.version, RETRY_S)
+                if exc.message != last_problem:  # once per problem, not once per retry
+                    log.warning("model registry unreachable (%s); serving %s@%s, trying again "
+                                "with backoff up to %g s", exc.message, self.name,
+                                self.current.version, MAX_RETRY_S)
+                last_problem = exc.message
                 _close_quietly(reader)
                 reader = None
-                self._stop.wait(RETRY_S)
+                self._stop.wait(retry_s)
+                retry_s = min(retry_s * 2, MAX_RETRY_S)
             except Exception:  # following must never take serving down
                 log.exception("model registry check failed; serving on")
                 self._stop.wait(RETRY_S)
