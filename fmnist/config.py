@@ -2,7 +2,12 @@
 
 Precedence, lowest to highest, lives here and nowhere else:
 
-    typed defaults < configs/default.yaml < --config FILE < FMNIST_<SECTION>__<KEY> env < flags
+    typed defaults < configs/default.yaml < Google's variables < --config FILE
+        < FMNIST_<SECTION>__<KEY> env < flags
+
+Google's own variables (``PUBSUB_EMULATOR_HOST``, ``GOOGLE_CLOUD_PROJECT``) stand for
+``pubsub.emulator_host`` and ``pubsub.project_id``: above the shipped defaults, below anything
+the user set for fmnist itself (``GOOGLE_ENV``).
 
 Every layer is validated against the dataclasses below: an unknown key or a value of the wrong
 type is a ``ConfigError`` that names the file, variable or flag it came from.
@@ -16,6 +21,7 @@ that is where the user typed it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -30,6 +36,15 @@ from fmnist.errors import ConfigError
 
 ENV_PREFIX = "FMNIST_"
 SECRET_WORDS = ("password", "secret", "token", "credential")
+# Google's variables, in the order its clients read them, and the fmnist key each stands for.
+GOOGLE_ENV = (("PUBSUB_EMULATOR_HOST", "pubsub.emulator_host"),
+              ("GOOGLE_CLOUD_PROJECT", "pubsub.project_id"),
+              ("GCLOUD_PROJECT", "pubsub.project_id"))
+
+
+def is_secret(name: str) -> bool:
+    """Whether a key or a librdkafka property holds a secret (its value is never printed)."""
+    return any(word in name.lower() for word in SECRET_WORDS)
 
 
 def project_root() -> Path:
@@ -116,6 +131,9 @@ class KafkaConfig:
     compression: str = ""
     linger_ms: int = 1
     fetch_max_wait_ms: int = 5
+    # librdkafka properties (name -> value) on top of the client configs fmnist builds;
+    # checked by librdkafka itself when the broker is made (fmnist/brokers/kafka/settings.py).
+    extra: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -263,6 +281,8 @@ def _coerce(value: Any, hint: Any, where: str, key: str, base: Path, from_text: 
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # YAML reads `client_id: 7` as an int; a string was meant
         raise _type_error(where, key, value, "a string")
+    if origin is Mapping:
+        return _coerce_mapping(value, args[1], where, key, base, from_text)
     if origin is tuple:
         if from_text and isinstance(value, str):
             items: Any = value.split(",") if value.strip() else []
@@ -275,8 +295,51 @@ def _coerce(value: Any, hint: Any, where: str, key: str, base: Path, from_text: 
     raise ConfigError(f"internal: no coercion for {hint!r}")  # pragma: no cover
 
 
+def _coerce_mapping(value: Any, hint: Any, where: str, key: str, base: Path,
+                    from_text: bool) -> Mapping[str, Any]:
+    """A mapping of names to values (read-only). From env text: a JSON object, or
+    ``name=value`` pairs separated by commas. A boolean for a text value is written the way
+    librdkafka and YAML spell it: ``true`` / ``false``."""
+    if from_text and isinstance(value, str):
+        value = _parse_pairs(value, where, key)
+    if not isinstance(value, Mapping):
+        raise _type_error(where, key, value, "a mapping of name: value")
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        name = str(name).strip()
+        if not name:
+            raise ConfigError(f"{where}: `{key}` has an entry with an empty name.")
+        if hint is str and isinstance(item, bool):
+            item = "true" if item else "false"
+        out[name] = _coerce(item, hint, where, f"{key}.{name}", base, from_text)
+    return types.MappingProxyType(out)
+
+
+def _parse_pairs(text: str, where: str, key: str) -> Any:
+    """``{"a": "1"}`` (JSON) or ``a=1,b=2``; an empty text is an empty mapping."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:  # its message has a position, never the text
+            raise ConfigError(f"{where}: `{key}` is not a valid JSON object: {exc}.",
+                              'Write it as {"name": "value", ...}.') from None
+    pairs: dict[str, str] = {}
+    items = text.split(",") if text else []
+    for number, item in enumerate(items, 1):
+        name, sep, val = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"{where}: `{key}` item {number} of {len(items)} is not "
+                              "name=value.",
+                              'Separate pairs with commas; a value that contains a comma needs '
+                              'the JSON form: {"name": "a,b"}.')
+        pairs[name.strip()] = val.strip()
+    return pairs
+
+
 def _type_error(where: str, key: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"{where}: `{key}` must be {expected}, got {value!r}.",
+    shown = "***" if is_secret(key) else repr(value)
+    return ConfigError(f"{where}: `{key}` must be {expected}, got {shown}.",
                        "Fix the value, or run `fmnist config` to see every key with its type.")
 
 
@@ -305,8 +368,11 @@ def _apply(layers: dict[str, dict[str, Any]], data: Any, where: str, base: Path,
             if key not in fields:
                 raise ConfigError(f"{where}: unknown key `{section}.{key}`.",
                                   f"Known keys in `{section}`: {', '.join(fields)}.")
-            layers[section][key] = _coerce(value, fields[key], where, f"{section}.{key}", base,
-                                           from_text)
+            coerced = _coerce(value, fields[key], where, f"{section}.{key}", base, from_text)
+            below = layers[section].get(key)
+            if isinstance(coerced, Mapping) and isinstance(below, Mapping):
+                coerced = types.MappingProxyType({**below, **coerced})  # entry by entry
+            layers[section][key] = coerced
             if origins is not None:
                 origins[f"{section}.{key}"] = where
 
@@ -344,10 +410,15 @@ def load(config_file: str | Path | None = None,
     default_file = root / "configs" / "default.yaml"
     if use_default_file and default_file.is_file():
         _apply(layers, _read_yaml(default_file), str(default_file), root, origins=origins)
+    cwd = Path.cwd()
+    for name, dotted in reversed(GOOGLE_ENV):  # the first one set wins, as in Google's clients
+        if value := env.get(name, ""):  # set but empty counts as unset there too
+            section, _, key = dotted.partition(".")
+            _apply(layers, {section: {key: value}}, f"environment variable {name}", cwd,
+                   from_text=True, origins=origins)
     if config_file is not None:
         path = Path(config_file)
         _apply(layers, _read_yaml(path), str(path), _base_for(path, root), origins=origins)
-    cwd = Path.cwd()
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name or name == "FMNIST_HOME":
             continue
@@ -372,6 +443,11 @@ def with_overrides(cfg: Config, data: Mapping[str, Any], where: str) -> Config:
     layers: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     origins: dict[str, str] = {}
     _apply(layers, data, where, Path.cwd(), origins=origins)
+    for name, values in layers.items():  # a mapping adds to the one below, as in ``load``
+        for key, value in values.items():
+            below = getattr(getattr(cfg, name), key)
+            if isinstance(value, Mapping) and isinstance(below, Mapping):
+                values[key] = types.MappingProxyType({**below, **value})
     merged = Config(**{name: dataclasses.replace(getattr(cfg, name), **values)
                        for name, values in layers.items()})
     _validate(merged, origins)
@@ -460,17 +536,21 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
 
 
 def as_dict(cfg: Config, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
-    """Plain data for printing and for meta.json; secrets become '***' when set."""
-    out: dict[str, dict[str, Any]] = {}
-    for section in SECTIONS:
-        values = {}
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            if mask_secrets and value and any(w in key for w in SECRET_WORDS):
-                value = "***"
-            values[key] = value
-        out[section] = values
-    return out
+    """Plain data for printing and for meta.json; secrets become '***' when set, in mappings
+    too (``kafka.extra``'s ``ssl.key.password``)."""
+    return {section: {f.name: _plain(f.name, getattr(getattr(cfg, section), f.name),
+                                     mask_secrets)
+                      for f in dataclasses.fields(SECTIONS[section])}
+            for section in SECTIONS}
+
+
+def _plain(key: str, value: Any, mask_secrets: bool) -> Any:
+    if isinstance(value, Mapping):
+        return {name: _plain(name, item, mask_secrets) for name, item in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if mask_secrets and value and is_secret(key):
+        return "***"
+    return value

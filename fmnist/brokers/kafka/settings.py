@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
-from fmnist.config import Config, KafkaConfig
+from confluent_kafka import Consumer, KafkaException, Producer
+
+from fmnist.config import Config, KafkaConfig, env_name, is_secret
 from fmnist.errors import ConfigError
 
 log = logging.getLogger("fmnist.brokers.kafka")
@@ -23,6 +26,39 @@ BROKER_MESSAGE_MAX_BYTES = 1_048_588  # Kafka's default message.max.bytes
 SESSION_TIMEOUT_MS = 10_000  # a dead worker's partitions move on after this long
 COMPRESSIONS = ("", "gzip", "snappy", "lz4", "zstd")  # all built into librdkafka's wheel
 
+# librdkafka properties that ``kafka.extra`` may not set (docs/brokers.md#kafka-extra).
+# Those with an fmnist key of their own: one place to set each, shown by `fmnist config`.
+OWNED_BY_KEY = {
+    "bootstrap.servers": "kafka.bootstrap_servers", "metadata.broker.list":
+    "kafka.bootstrap_servers", "client.id": "kafka.client_id", "group.id": "kafka.group_id",
+    "security.protocol": "kafka.security_protocol", "sasl.mechanism": "kafka.sasl_mechanism",
+    "sasl.mechanisms": "kafka.sasl_mechanism", "sasl.username": "kafka.sasl_username",
+    "sasl.password": "kafka.sasl_password", "ssl.ca.location": "kafka.ssl_cafile",
+    "ssl.certificate.location": "kafka.ssl_certfile", "ssl.key.location": "kafka.ssl_keyfile",
+    "compression.type": "kafka.compression", "compression.codec": "kafka.compression",
+    "linger.ms": "kafka.linger_ms", "queue.buffering.max.ms": "kafka.linger_ms",
+    "fetch.wait.max.ms": "kafka.fetch_max_wait_ms",
+}
+_COMMITS = "fmnist commits a request's offset only after its answer is published (at least once)"
+_IDEMPOTENT = "the producer is idempotent with acks=all, so a retried send is never lost or doubled"
+_CALLBACK = "fmnist wires this Python callback itself; a config value cannot be a function"
+# Those whose change would break a guarantee fmnist makes, or its own plumbing.
+GUARDED = {
+    "enable.auto.commit": _COMMITS, "enable.auto.offset.store": _COMMITS,
+    "enable.idempotence": _IDEMPOTENT, "acks": _IDEMPOTENT, "request.required.acks": _IDEMPOTENT,
+    "auto.offset.reset": "workers and readers start from the earliest message they have not "
+                         "seen; `latest` would skip requests sent before a worker started",
+    "enable.partition.eof": "fmnist's consume loop takes no end-of-partition events",
+    "allow.auto.create.topics": "fmnist creates its topics itself (`broker.create_topics`), "
+                                "with its partitions and settings",
+    **{name: _CALLBACK for name in ("error_cb", "logger", "on_delivery", "dr_cb", "dr_msg_cb",
+                                    "stats_cb", "throttle_cb", "oauth_cb", "on_commit")},
+}
+# librdkafka's own log while ``check`` makes its throwaway clients (no brokers: it would warn).
+_check_log = logging.getLogger("fmnist.brokers.kafka.check")
+_check_log.propagate = False
+_check_log.addHandler(logging.NullHandler())
+
 
 def check(k: KafkaConfig) -> None:
     """What librdkafka would only refuse later, refused at once with the setting's name."""
@@ -30,20 +66,58 @@ def check(k: KafkaConfig) -> None:
         raise ConfigError(f"Invalid config: kafka.compression must be one of "
                           f"{', '.join(repr(c) for c in COMPRESSIONS)}, got {k.compression!r}.",
                           "Fix it in your config file or FMNIST_KAFKA__COMPRESSION.")
+    check_extra(k)
 
 
-def client_config(cfg: Config, timeout_ms: int, on_error: Any) -> dict[str, Any]:
-    """librdkafka settings shared by admin, producer and consumers (from ``kafka.*``)."""
-    k = cfg.kafka
+def check_extra(k: KafkaConfig) -> None:
+    """``kafka.extra`` as librdkafka judges it: a producer and a consumer are made (and
+    dropped) with the whole config but no brokers, so nothing connects. An unknown property,
+    a bad value or a combination librdkafka refuses is a ConfigError naming
+    ``kafka.extra.<property>`` and librdkafka's own words, with secrets masked."""
+    for name in k.extra:
+        if name in OWNED_BY_KEY:
+            key = OWNED_BY_KEY[name]
+            raise ConfigError(f"Invalid config: kafka.extra.{name} is what `{key}` sets.",
+                              f"Set `{key}` (or {env_name(key)}) instead, and remove `{name}` "
+                              "from kafka.extra / FMNIST_KAFKA__EXTRA.")
+        if name in GUARDED:
+            raise ConfigError(f"Invalid config: kafka.extra.{name} cannot be set: "
+                              f"{GUARDED[name]}.",
+                              f"Remove `{name}` from kafka.extra / FMNIST_KAFKA__EXTRA "
+                              "(docs/brokers.md#kafka-extra).")
+    if not k.extra:
+        return
+    shared = {**_shared_config(k), "logger": _check_log}
+    del shared["bootstrap.servers"]
+    for role in ("producer", "consumer"):
+        try:
+            if role == "producer":
+                Producer({**shared, **producer_config(k, 10_000)})
+            else:
+                Consumer({**shared, **consumer_config(k, None)}).close()
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise _extra_error(k.extra, role, exc) from None
+
+
+def _extra_error(extra: Mapping[str, str], role: str, exc: BaseException) -> ConfigError:
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    message = str(err.str() if hasattr(err, "str") else err).strip()
+    for name, value in extra.items():
+        if is_secret(name) and value:
+            message = message.replace(value, "***")
+    named = [name for name in extra if f'"{name}"' in message or f"`{name}" in message]
+    where = ", ".join(f"kafka.extra.{name}" for name in named) or "kafka.extra"
+    return ConfigError(f"Invalid config: {where}: librdkafka refuses it ({role}): {message}",
+                       "Fix it in kafka.extra / FMNIST_KAFKA__EXTRA; librdkafka's properties: "
+                       "https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md")
+
+
+def _shared_config(k: KafkaConfig) -> dict[str, Any]:
+    """The properties every client gets from ``kafka.*`` (before ``kafka.extra``)."""
     conf: dict[str, Any] = {
         "bootstrap.servers": ",".join(s.strip() for s in k.bootstrap_servers.split(",")
                                       if s.strip()),
         "client.id": k.client_id, "security.protocol": k.security_protocol,
-        "socket.timeout.ms": timeout_ms, "reconnect.backoff.max.ms": 2000,
-        # librdkafka logs through ours (``librdkafka_log``), not to stderr; errors it recovers
-        # from on its own (a broker restart) reach ``on_error``. A broker closing an idle
-        # connection (the admin client's, after 10 minutes) is not an error.
-        "logger": librdkafka_log, "error_cb": on_error, "log.connection.close": False,
     }
     if k.sasl_mechanism:
         conf.update({"sasl.mechanism": k.sasl_mechanism, "sasl.username": k.sasl_username,
@@ -56,19 +130,33 @@ def client_config(cfg: Config, timeout_ms: int, on_error: Any) -> dict[str, Any]
     return conf
 
 
+def client_config(cfg: Config, timeout_ms: int, on_error: Any) -> dict[str, Any]:
+    """librdkafka settings shared by admin, producer and consumers (from ``kafka.*``), with
+    ``kafka.extra`` on top."""
+    return {**_shared_config(cfg.kafka),
+            "socket.timeout.ms": timeout_ms, "reconnect.backoff.max.ms": 2000,
+            # librdkafka logs through ours (``librdkafka_log``), not to stderr; errors it
+            # recovers from on its own (a broker restart) reach ``on_error``. A broker closing
+            # an idle connection (the admin client's, after 10 minutes) is not an error.
+            "logger": librdkafka_log, "error_cb": on_error, "log.connection.close": False,
+            **cfg.kafka.extra}
+
+
 def producer_config(k: KafkaConfig, timeout_ms: int) -> dict[str, Any]:
-    """The shared producer's own settings: idempotent with acks=all."""
+    """The shared producer's own settings: idempotent with acks=all; ``kafka.extra`` on
+    top (callers merge this over ``client_config``, so it must come last here too)."""
     return {"acks": "all", "enable.idempotence": True,
             "linger.ms": k.linger_ms, "compression.type": k.compression or "none",
             "message.timeout.ms": max(30_000, k.linger_ms + 2 * timeout_ms),
             # the broker's default limit (1 MiB + overhead), as Java clients have it;
             # librdkafka's own default is 1,000,000 bytes
-            "message.max.bytes": BROKER_MESSAGE_MAX_BYTES}
+            "message.max.bytes": BROKER_MESSAGE_MAX_BYTES, **k.extra}
 
 
 def consumer_config(k: KafkaConfig, group: str | None, max_hold_s: float | None = None
                     ) -> dict[str, Any]:
-    """A consumer's own settings: commits only by hand, never a topic created by reading.
+    """A consumer's own settings: commits only by hand, never a topic created by reading;
+    ``kafka.extra`` on top (last, as in ``producer_config``).
 
     ``max_hold_s`` becomes ``max.poll.interval.ms`` (librdkafka allows up to a day): a member
     that does not read again within it leaves the group and its partitions move on.
@@ -82,4 +170,4 @@ def consumer_config(k: KafkaConfig, group: str | None, max_hold_s: float | None 
         "enable.auto.commit": False, "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest", "fetch.wait.max.ms": k.fetch_max_wait_ms,
         "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": 1000,
-        "allow.auto.create.topics": False, "enable.partition.eof": False}
+        "allow.auto.create.topics": False, "enable.partition.eof": False, **k.extra}
