@@ -7,6 +7,7 @@ from google.api_core import retry as gretry
 
 READER_TTL_S = 24 * 3600  # the shortest expiration Pub/Sub accepts
 CLOSE_TIMEOUT_S = 5.0
+GOOGLE_ENDPOINT = "pubsub.googleapis.com"  # Pub/Sub's own, when no emulator is set
 RETRYABLE = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.Aborted,
             gexc.InternalServerError, gexc.ResourceExhausted, gexc.Unknown)
 # Keyword names of PublisherClient.publish: an attribute with one of these names cannot be sent
