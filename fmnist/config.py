@@ -318,7 +318,7 @@ def _coerce_mapping(value: Any, hint: Any, where: str, key: str, base: Path,
 def _parse_pairs(text: str, where: str, key: str) -> Any:
     """``{"a": "1"}`` (JSON) or ``a=1,b=2``; an empty text is an empty mapping."""
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:  # its message has a position, never the text

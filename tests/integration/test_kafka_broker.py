@@ -160,3 +160,25 @@ def test_publish_to_a_missing_topic_fails_within_its_bounds(cfg: config.Config) 
         broker.producer().publish([OutMessage(unique("missing"), b"x")], timeout_s=2)
     assert time.monotonic() - started < 10
     broker.close()
+
+
+def test_a_kafka_extra_property_takes_effect_in_the_clients(cfg: config.Config) -> None:
+    # librdkafka's message.max.bytes, lowered through kafka.extra: the producer refuses what
+    # the same broker without it takes
+    topic = unique("req")
+    small = KafkaBroker(config.with_overrides(
+        cfg, {"kafka": {"extra": {"message.max.bytes": 2000, "client.rack": "rack-a"}}}, "test"))
+    plain = KafkaBroker(cfg)
+    try:
+        small.ensure_topics([topic])
+        plain.producer().publish([OutMessage(topic, b"x" * 5000)], timeout_s=10)
+        small.producer().publish([OutMessage(topic, b"y" * 500)], timeout_s=10)
+        with pytest.raises(BrokerError) as info:
+            small.producer().publish([OutMessage(topic, b"z" * 5000)], timeout_s=10)
+        assert "MSG_SIZE_TOO_LARGE" in info.value.message
+        assert "message.max.bytes" in info.value.hint
+        got = drain(small.consumer(topic, group=unique("g")), 2)
+        assert sorted(len(m.value) for m in got) == [500, 5000]
+    finally:
+        small.close()
+        plain.close()

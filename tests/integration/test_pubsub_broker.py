@@ -6,7 +6,11 @@ uuid-named topics and subscriptions.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -199,3 +203,46 @@ def test_a_running_consumer_receives_within_100_ms(pubsub: PubsubBroker) -> None
     print(f"\npublish -> next_batch latency over {len(latencies)}: median {median:.1f} ms, "
           f"max {max(latencies):.1f} ms")
     assert median < 100
+
+
+def test_google_variables_select_the_emulator_and_project_when_fmnist_s_are_unset(
+        cfg: config.Config) -> None:
+    # A process with Google's variables and no fmnist setting for them: it reaches the
+    # emulator by the variable's spelling of the address and works in the variable's project.
+    project, topic = unique("g-proj"), unique("req")
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("FMNIST_") and name not in dict(config.GOOGLE_ENV)}
+    env |= {"PUBSUB_EMULATOR_HOST": f"localhost:{cfg.pubsub.emulator_host.rsplit(':', 1)[1]}",
+            "GOOGLE_CLOUD_PROJECT": project, "FMNIST_SERVE__BROKER": "pubsub"}
+    shown = subprocess.run([sys.executable, "-m", "fmnist", "config", "--json"], env=env,
+                           capture_output=True, text=True, timeout=60, check=True)
+    pubsub = json.loads(shown.stdout)["pubsub"]
+    assert (pubsub["emulator_host"], pubsub["project_id"]) == (env["PUBSUB_EMULATOR_HOST"],
+                                                               project)
+    send = ("from fmnist import config; from fmnist.brokers.base import OutMessage; "
+            "from fmnist.brokers.pubsub import PubsubBroker; "
+            f"b = PubsubBroker(config.load()); b.ensure_topics([{topic!r}]); "
+            f"b.producer().publish([OutMessage({topic!r}, b'hello')], timeout_s=10); b.close()")
+    subprocess.run([sys.executable, "-c", send], env=env, timeout=60, check=True)
+    there = PubsubBroker(config.with_overrides(cfg, {"pubsub": {"project_id": project}}, "test"))
+    try:
+        assert [m.value for m in drain(there.consumer(topic, group=f"{topic}-sub"), 1)] == [
+            b"hello"]
+        assert topic not in {t.rsplit("/", 1)[-1] for t in cfg_topics(cfg)}
+    finally:
+        there.close()
+    # fmnist's own setting wins over the variable: nothing listens at port 1
+    env |= {"FMNIST_PUBSUB__EMULATOR_HOST": "127.0.0.1:1", "FMNIST_BROKER__CONNECT_TIMEOUT_S": "2"}
+    failed = subprocess.run([sys.executable, "-c", send], env=env, timeout=60,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "127.0.0.1:1 is not reachable" in failed.stderr
+
+
+def cfg_topics(cfg: config.Config) -> list[str]:
+    """The topics of ``cfg``'s own project."""
+    broker = PubsubBroker(cfg)
+    try:
+        return [t.name for t in broker.publisher().list_topics(
+            request={"project": f"projects/{cfg.pubsub.project_id}"}, timeout=10)]
+    finally:
+        broker.close()

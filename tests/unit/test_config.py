@@ -448,3 +448,163 @@ def test_routing_settings_load_through_their_environment_variables(fmnist_home: 
     assert (cfg.serve.broker, cfg.broker.request_topic, cfg.kafka.group_id) == (
         "pubsub", "req-x", "workers-x")
     assert cfg.pubsub.dlq_subscription == "req-x.dlq-sub"
+
+
+# --- mappings: kafka.extra -----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_google_variables(clean_env: pytest.MonkeyPatch) -> None:
+    """Google's variables from the caller's shell would move pubsub.* under these tests."""
+    for name, _ in config.GOOGLE_ENV:
+        clean_env.delenv(name, raising=False)
+
+
+def test_extra_from_yaml_keeps_dotted_names_and_writes_values_as_librdkafka_text(
+        fmnist_home: Path, tmp_path: Path) -> None:
+    user = write(tmp_path / "u.yaml", "kafka:\n  extra:\n    client.rack: eu-west-1a\n"
+                 "    message.max.bytes: 2000\n    enable.ssl.certificate.verification: false\n")
+    assert dict(config.load(user, env={}).kafka.extra) == {
+        "client.rack": "eu-west-1a", "message.max.bytes": "2000",
+        "enable.ssl.certificate.verification": "false"}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("client.rack=eu-west-1a", {"client.rack": "eu-west-1a"}),
+    (" client.rack = eu , sasl.oauthbearer.method=oidc ",
+     {"client.rack": "eu", "sasl.oauthbearer.method": "oidc"}),
+    ("sasl.oauthbearer.extensions=a=1", {"sasl.oauthbearer.extensions": "a=1"}),  # first = splits
+    ('{"sasl.oauthbearer.scope": "kafka,profile", "socket.keepalive.enable": true}',
+     {"sasl.oauthbearer.scope": "kafka,profile", "socket.keepalive.enable": "true"}),
+    ("", {}),
+])
+def test_extra_from_env_is_name_value_pairs_or_json(fmnist_home: Path, text: str,
+                                                    expected: dict[str, str]) -> None:
+    assert dict(config.load(env={"FMNIST_KAFKA__EXTRA": text}).kafka.extra) == expected
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("client.rack=eu,oops", "item 2 of 2 is not name=value"),
+    ("=eu", "item 1 of 1 is not name=value"),
+    ('{"client.rack": ', "is not a valid JSON object"),
+    ('["client.rack"]', "must be a mapping of name: value"),
+    ('{"client": {"rack": "eu"}}', "`kafka.extra.client` must be a string"),
+    ('{"client.rack": null}', "`kafka.extra.client.rack` must be a string"),
+])
+def test_a_bad_extra_env_value_is_a_config_error_naming_the_variable(fmnist_home: Path,
+                                                                     text: str,
+                                                                     words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(env={"FMNIST_KAFKA__EXTRA": text})
+    assert info.value.message.startswith("environment variable FMNIST_KAFKA__EXTRA: ")
+    assert words in info.value.message
+
+
+def test_a_comma_in_a_pair_value_points_to_the_json_form(fmnist_home: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(env={"FMNIST_KAFKA__EXTRA": "ssl.key.password=pa,ss"})
+    assert "JSON form" in info.value.hint
+    assert "ss" not in info.value.message.replace("ssl", "")  # no fragment of the value shown
+
+
+def test_a_bad_secret_value_is_not_echoed(fmnist_home: Path, tmp_path: Path) -> None:
+    user = write(tmp_path / "u.yaml", "kafka:\n  extra:\n    ssl.key.password: [hunter2]\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(user, env={})
+    assert "`kafka.extra.ssl.key.password` must be a string, got ***" in info.value.message
+    assert "hunter2" not in info.value.message
+
+
+def test_a_non_mapping_extra_in_a_file_names_the_file(fmnist_home: Path, tmp_path: Path) -> None:
+    user = write(tmp_path / "u.yaml", "kafka:\n  extra: client.rack=eu\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(user, env={})
+    assert info.value.message.startswith(f"{user}: `kafka.extra` must be a mapping")
+
+
+def test_extra_layers_merge_property_by_property(fmnist_home: Path, tmp_path: Path) -> None:
+    user = write(tmp_path / "u.yaml", "kafka:\n  extra: {client.rack: eu, linger.ms: 1}\n")
+    cfg = config.load(user, env={"FMNIST_KAFKA__EXTRA": "client.rack=us,socket.nagle.disable=true"},
+                      flags={"kafka.extra": {"ssl.key.password": "pw"}})
+    assert dict(cfg.kafka.extra) == {"client.rack": "us", "linger.ms": "1",
+                                     "socket.nagle.disable": "true", "ssl.key.password": "pw"}
+    job = config.with_overrides(cfg, {"kafka": {"extra": {"client.rack": "ap"}}}, "job")
+    assert dict(job.kafka.extra) == {**cfg.kafka.extra, "client.rack": "ap"}
+
+
+def test_extra_is_read_only(fmnist_home: Path) -> None:
+    extra = config.load(env={"FMNIST_KAFKA__EXTRA": "client.rack=eu"}).kafka.extra
+    with pytest.raises(TypeError):
+        extra["client.rack"] = "us"  # type: ignore[index]
+
+
+def test_as_dict_masks_secret_properties_inside_extra(fmnist_home: Path) -> None:
+    cfg = config.load(env={"FMNIST_KAFKA__EXTRA": '{"ssl.key.password": "hunter2", '
+                           '"sasl.oauthbearer.client.secret": "s3", "client.rack": "eu", '
+                           '"sasl.oauthbearer.token.endpoint.url": "https://idp/t"}'})
+    assert config.as_dict(cfg)["kafka"]["extra"] == {
+        "ssl.key.password": "***", "sasl.oauthbearer.client.secret": "***",
+        "client.rack": "eu", "sasl.oauthbearer.token.endpoint.url": "***"}  # "token": masked
+    assert config.as_dict(cfg, mask_secrets=False)["kafka"]["extra"]["ssl.key.password"] == (
+        "hunter2")
+
+
+def test_cli_config_shows_extra_with_secrets_masked(fmnist_home: Path) -> None:
+    result = runner.invoke(app, ["config", "--json"], env={
+        "FMNIST_KAFKA__EXTRA": "client.rack=eu-west-1a,ssl.key.password=hunter2"})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["kafka"]["extra"] == {"client.rack": "eu-west-1a",
+                                                           "ssl.key.password": "***"}
+    assert "hunter2" not in result.output
+    yaml_out = runner.invoke(app, ["config"], env={"FMNIST_KAFKA__EXTRA": "client.rack=eu"})
+    assert yaml.safe_load(yaml_out.stdout)["kafka"]["extra"] == {"client.rack": "eu"}
+
+
+# --- Google's variables --------------------------------------------------------------------
+
+EMULATOR, PROJECT = "pubsub.emulator_host", "pubsub.project_id"
+
+
+@pytest.mark.parametrize(("env", "file", "flags", "expected"), [
+    ({}, "", {}, ("127.0.0.1:8085", "fmnist-local")),  # configs/default.yaml
+    ({"PUBSUB_EMULATOR_HOST": "emu:8681", "GOOGLE_CLOUD_PROJECT": "g-proj"}, "", {},
+     ("emu:8681", "g-proj")),  # Google's variables beat the shipped defaults
+    ({"PUBSUB_EMULATOR_HOST": "", "GOOGLE_CLOUD_PROJECT": ""}, "", {},
+     ("127.0.0.1:8085", "fmnist-local")),  # set but empty: unset, as for Google's clients
+    ({"GCLOUD_PROJECT": "old"}, "", {}, ("127.0.0.1:8085", "old")),
+    ({"GCLOUD_PROJECT": "old", "GOOGLE_CLOUD_PROJECT": "new"}, "", {},
+     ("127.0.0.1:8085", "new")),
+    ({"PUBSUB_EMULATOR_HOST": "emu:8681", "GOOGLE_CLOUD_PROJECT": "g-proj"},
+     "pubsub: {emulator_host: file:1, project_id: file-proj}\n", {},
+     ("file:1", "file-proj")),  # a --config file beats them
+    ({"PUBSUB_EMULATOR_HOST": "emu:8681", "GOOGLE_CLOUD_PROJECT": "g-proj"},
+     "pubsub: {project_id: file-proj}\n", {}, ("emu:8681", "file-proj")),  # key by key
+    ({"PUBSUB_EMULATOR_HOST": "emu:8681", "FMNIST_PUBSUB__EMULATOR_HOST": "",
+      "GOOGLE_CLOUD_PROJECT": "g-proj", "FMNIST_PUBSUB__PROJECT_ID": "mine"}, "", {},
+     ("", "mine")),  # FMNIST_PUBSUB__* beat them; "" = real Pub/Sub despite the emulator var
+    ({"PUBSUB_EMULATOR_HOST": "emu:8681", "GOOGLE_CLOUD_PROJECT": "g-proj"}, "",
+     {EMULATOR: "flag:2", PROJECT: "flag-proj"}, ("flag:2", "flag-proj")),
+])
+def test_google_variables_sit_between_the_shipped_defaults_and_the_users_settings(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], file: str,
+        flags: dict[str, str], expected: tuple[str, str]) -> None:
+    user = write(tmp_path / "u.yaml", file) if file else None
+    cfg = config.load(user, flags=flags, env=env)
+    assert (cfg.pubsub.emulator_host, cfg.pubsub.project_id) == expected
+
+
+def test_a_google_variable_is_named_when_its_value_is_bad(fmnist_home: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(env={"PUBSUB_EMULATOR_HOST": "emu:1"},
+                    flags={"pubsub.ack_deadline_s": "soon"})
+    assert "command-line option for pubsub.ack_deadline_s" in info.value.message
+    cfg = config.load(env={"PUBSUB_EMULATOR_HOST": "emu:1"})
+    assert cfg.pubsub.emulator_host == "emu:1"
+
+
+def test_cli_config_shows_what_google_variables_select() -> None:
+    result = runner.invoke(app, ["config", "--json"], env={"PUBSUB_EMULATOR_HOST": "emu:8681",
+                                                            "GOOGLE_CLOUD_PROJECT": "g-proj"})
+    assert result.exit_code == 0, result.output
+    pubsub = json.loads(result.stdout)["pubsub"]
+    assert (pubsub["emulator_host"], pubsub["project_id"]) == ("emu:8681", "g-proj")

@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from fmnist import config
-from fmnist.brokers.kafka import KafkaBroker
+from fmnist.brokers.kafka import KafkaBroker, settings
 from fmnist.errors import ConfigError
 
 CA = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's bundle, present with ca-certificates
@@ -53,3 +53,105 @@ def test_an_unknown_compression_is_refused_naming_the_choices(fmnist_home: Path)
         broker(compression="brotli")
     assert "'gzip', 'snappy', 'lz4', 'zstd'" in info.value.message
     assert "FMNIST_KAFKA__COMPRESSION" in info.value.hint
+
+
+# --- kafka.extra ---------------------------------------------------------------------------
+
+
+def test_extra_properties_reach_every_client_last(fmnist_home: Path) -> None:
+    kafka = broker(extra="client.rack=eu-west-1a,message.max.bytes=2000,"
+                         "session.timeout.ms=45000,ssl.key.password=pw")
+    k = kafka.cfg.kafka
+    admin = kafka.client_config()
+    producer = {**admin, **settings.producer_config(k, 10_000)}
+    consumer = {**admin, **settings.consumer_config(k, "g")}
+    for conf in (admin, producer, consumer):
+        assert (conf["client.rack"], conf["ssl.key.password"]) == ("eu-west-1a", "pw")
+    # over fmnist's own tuning: the producer's size limit, the consumer's session
+    assert producer["message.max.bytes"] == "2000"
+    assert consumer["session.timeout.ms"] == "45000"
+    Producer(producer)  # librdkafka takes the merged configs as they are
+    Consumer(consumer).close()
+
+
+@pytest.mark.skipif(not CA.exists(), reason="needs a CA bundle at /etc/ssl/certs")
+def test_oauthbearer_oidc_needs_only_config(fmnist_home: Path) -> None:
+    kafka = broker(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER",
+                   ssl_cafile=str(CA), extra=(
+                       '{"sasl.oauthbearer.method": "oidc", '
+                       '"sasl.oauthbearer.client.id": "fmnist", '
+                       '"sasl.oauthbearer.client.secret": "s3cret", '
+                       '"sasl.oauthbearer.token.endpoint.url": "https://127.0.0.1:1/token", '
+                       '"sasl.oauthbearer.scope": "kafka,profile"}'))
+    assert kafka.client_config()["sasl.oauthbearer.scope"] == "kafka,profile"
+
+
+@pytest.mark.parametrize(("extra", "named", "librdkafka_says"), [
+    ("client.rak=eu", "kafka.extra.client.rak", 'No such configuration property: "client.rak"'),
+    ("message.max.bytes=lots", "kafka.extra.message.max.bytes",
+     'Invalid value for configuration property "message.max.bytes"'),
+    ("queued.min.messages=0", "kafka.extra.queued.min.messages", "outside allowed range"),
+    # a combination: only the consumer refuses it (fmnist sets session.timeout.ms)
+    ("group.protocol=consumer", "kafka.extra.group.protocol",
+     "`session.timeout.ms` is not supported for `group.protocol=consumer`"),
+])
+def test_librdkafka_refuses_a_bad_extra_property_naming_it(fmnist_home: Path, extra: str,
+                                                          named: str,
+                                                          librdkafka_says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        broker(extra=extra)
+    assert info.value.message.startswith(f"Invalid config: {named}: librdkafka refuses it")
+    assert librdkafka_says in info.value.message
+    assert "FMNIST_KAFKA__EXTRA" in info.value.hint
+
+
+def test_a_combination_librdkafka_refuses_at_creation_names_the_property(
+        fmnist_home: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        broker(security_protocol="SASL_PLAINTEXT", sasl_mechanism="OAUTHBEARER",
+               extra="sasl.oauthbearer.method=oidc")
+    assert "kafka.extra.sasl.oauthbearer.method" in info.value.message
+    assert "`sasl.oauthbearer.token.endpoint.url` is mandatory" in info.value.message
+
+
+@pytest.mark.parametrize(("name", "key"), [("bootstrap.servers", "kafka.bootstrap_servers"),
+                                           ("client.id", "kafka.client_id"),
+                                           ("sasl.password", "kafka.sasl_password"),
+                                           ("compression.codec", "kafka.compression")])
+def test_a_property_with_an_fmnist_key_is_refused_naming_the_key(fmnist_home: Path, name: str,
+                                                                 key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        broker(extra=f"{name}=x")
+    assert f"kafka.extra.{name} is what `{key}` sets" in info.value.message
+    assert config.env_name(key) in info.value.hint
+
+
+@pytest.mark.parametrize(("name", "why"), [("enable.auto.commit", "at least once"),
+                                           ("enable.idempotence", "idempotent"),
+                                           ("acks", "acks=all"),
+                                           ("auto.offset.reset", "earliest"),
+                                           ("error_cb", "Python callback")])
+def test_a_property_fmnist_relies_on_is_refused_saying_why(fmnist_home: Path, name: str,
+                                                          why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        broker(extra=f"{name}=1")
+    assert f"kafka.extra.{name} cannot be set" in info.value.message
+    assert why in info.value.message
+
+
+def test_a_secret_in_librdkafka_s_message_is_masked() -> None:
+    extra = {"ssl.key.password": "hunter2", "client.rack": "eu"}
+    error = settings._extra_error(extra, "producer", ValueError('"ssl.key.password" hunter2 eu'))
+    assert "hunter2" not in error.message
+    assert '"ssl.key.password" *** eu' in error.message
+    assert "kafka.extra.ssl.key.password" in error.message
+
+
+def test_no_extra_makes_no_throwaway_clients(fmnist_home: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise AssertionError("a client was made")
+
+    monkeypatch.setattr(settings, "Producer", refuse)
+    monkeypatch.setattr(settings, "Consumer", refuse)
+    broker()
