@@ -16,11 +16,16 @@ from fmnist import data
 REAL_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+GOOGLE_VARIABLES = ("PUBSUB_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT")
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No FMNIST_* variable from the caller's shell leaks into the test; returns the monkeypatch."""
+    """No FMNIST_* variable, nor the Google variables the config honours
+    (PUBSUB_EMULATOR_HOST, GOOGLE_CLOUD_PROJECT, GCLOUD_PROJECT), leaks from the caller's shell
+    into the test; returns the monkeypatch."""
     for name in list(os.environ):
-        if name.startswith("FMNIST_"):
+        if name.startswith("FMNIST_") or name in GOOGLE_VARIABLES:
             monkeypatch.delenv(name)
     return monkeypatch
 
