@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmnist.brokers.base import Broker, Message, OutMessage
+from fmnist.brokers.retained import read_all
 from fmnist.config import Config, ImagingConfig
 from fmnist.data import ExtraImages
 from fmnist.errors import MissingArtifactError, UsageError
@@ -41,8 +42,6 @@ log = logging.getLogger("fmnist.feedback")
 
 SCHEMA = "fmnist.feedback/1"
 SOURCES = ("request", "feedback")  # a worker saw a labelled request / `fmnist feedback`
-QUIET_S = 0.5  # the topic is read once nothing new arrives for this long
-MAX_IN_FLIGHT = 10_000  # records a reader may have in hand at once (Pub/Sub flow control)
 _DIGITS = {str(i): i for i in range(10)}
 
 
@@ -131,35 +130,11 @@ def latest(records: Iterable[Record]) -> list[Record]:
 
 
 def read(broker: Broker, cfg: Config, timeout_s: float = 30.0) -> list[Record]:
-    """Every labelled record the feedback topic holds now, one per request (``latest``).
-
-    Each batch is given back as soon as it is read (on Pub/Sub a nack, so the shared
-    subscription keeps it for the next reader), and reading stops once nothing not yet seen
-    arrives for ``QUIET_S``, as the jobs' history is read (fmnist/jobs/history.py).
-    """
-    topic = cfg.feedback.topic
+    """Every labelled record the feedback topic holds now, one per request (``latest``),
+    read without taking any away (``brokers.retained.read_all``)."""
     if cfg.broker.create_topics:
-        broker.ensure_topics([topic])
-    reader = broker.retained_reader(topic, max_in_flight=MAX_IN_FLIGHT)
-    seen: set[str] = set()
-    records: list[Record] = []
-    try:
-        deadline = last_new = time.monotonic()
-        deadline += timeout_s
-        while time.monotonic() < deadline:
-            batch = reader.next_batch(1000, timeout_s=0.1)
-            if batch:
-                reader.redeliver(batch)  # only looking
-                fresh = [m for m in batch if m.source_id not in seen]
-                if fresh:
-                    seen.update(m.source_id for m in fresh)
-                    records.extend(r for m in fresh if (r := parse(m)) is not None)
-                    last_new = time.monotonic()
-            if time.monotonic() - last_new >= QUIET_S:
-                break
-    finally:
-        reader.close()
-    return latest(records)
+        broker.ensure_topics([cfg.feedback.topic])
+    return latest(read_all(broker, cfg.feedback.topic, parse, timeout_s))
 
 
 def accuracy_by_version(records: list[Record]) -> dict[str, dict[str, Any]]:

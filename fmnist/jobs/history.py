@@ -9,48 +9,18 @@ event published since (docs/decisions.md#job-history).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fmnist.brokers.base import Broker, Consumer, Message
+from fmnist.brokers.base import Broker, Consumer
+from fmnist.brokers.retained import read_all
 from fmnist.jobs.protocol import FINAL, parse_event
 
-QUIET_S = 0.5  # the history is read once nothing more arrives for this long
-MAX_HISTORY = 10_000  # events a reader may have in hand at once (Pub/Sub flow control)
 
-
-def read(broker: Broker, topic: str, timeout_s: float = 30.0,
-         parse: Callable[[Message], dict[str, Any] | None] = parse_event
-         ) -> list[dict[str, Any]]:
-    """Every event the topic holds now, oldest first (``parse`` reads one, None skips it; the
-    model registry's announcements are read the same way).
-
-    Reading takes nothing away: each batch is given back as soon as it is read (on Pub/Sub a
-    nack, so the history subscription delivers it again, to this reader or to another one
-    reading at the same time), and the reader stops once nothing it has not seen arrives for
-    ``QUIET_S`` (docs/decisions.md#job-history).
-    """
-    reader = broker.retained_reader(topic, max_in_flight=MAX_HISTORY)
-    seen: set[str] = set()
-    events: list[dict[str, Any]] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        last_new = time.monotonic()
-        while time.monotonic() < deadline:
-            batch = reader.next_batch(1000, timeout_s=0.1)
-            if batch:
-                reader.redeliver(batch)  # only looking
-                fresh = [m for m in batch if m.source_id not in seen]
-                if fresh:
-                    seen.update(m.source_id for m in fresh)
-                    events.extend(e for m in fresh if (e := parse(m)) is not None)
-                    last_new = time.monotonic()
-            if time.monotonic() - last_new >= QUIET_S:
-                break
-    finally:
-        reader.close()
-    return ordered(events)
+def read(broker: Broker, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """Every event the topic holds now, oldest first (``brokers.retained.read_all``)."""
+    return ordered(read_all(broker, topic, parse_event, timeout_s))
 
 
 def read_job(broker: Broker, topic: str, job_id: str) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.brokers import Broker
+from fmnist.brokers.retained import read_all
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ModelError, UsageError
 from fmnist.model import artifacts
@@ -201,8 +202,6 @@ def fleet(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
 def show(cfg: Config, broker: Broker, store: Store, ref: str) -> dict[str, Any]:
     """Everything known of a model name (or one version): versions, the pointer, what each
     worker serves, refusals, live feedback accuracy."""
-    from fmnist.jobs.history import read
-
     name, version = parse_ref(ref, cfg.model.name)
     manifests = store.manifests(name)
     if not manifests:
@@ -211,7 +210,7 @@ def show(cfg: Config, broker: Broker, store: Store, ref: str) -> dict[str, Any]:
     if version is not None:
         manifests = [resolve(store, ref, cfg.model.name)]
     pointer = store.pointer(name)
-    events = [e for e in read(broker, cfg.registry.events_topic, parse=parse_event)
+    events = [e for e in read_all(broker, cfg.registry.events_topic, parse_event)
               if e.get("name") == name]
     from fmnist import feedback
 
