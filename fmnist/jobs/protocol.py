@@ -68,6 +68,7 @@ def new_job_id() -> str:
 
 
 def who() -> str:
+    """user@host: who submitted or cancelled a job, published or promoted a model."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

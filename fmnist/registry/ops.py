@@ -16,6 +16,7 @@ from fmnist.brokers import Broker
 from fmnist.brokers.retained import read_all
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ModelError, UsageError
+from fmnist.jobs.protocol import who
 from fmnist.model import artifacts
 from fmnist.registry.protocol import (
     LATEST,
@@ -27,7 +28,6 @@ from fmnist.registry.protocol import (
     parse_event,
     parse_ref,
     sha256_of,
-    who,
 )
 from fmnist.registry.store import Store
 

@@ -17,11 +17,9 @@ on, so it never goes back to an older version unless a rollback (a newer generat
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import re
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -46,15 +44,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def who() -> str:
-    """user@host: who published or promoted, for the history."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from fmnist.jobs.protocol import who
 from fmnist.model import artifacts
-from fmnist.registry.protocol import VERSION_CHARS, Manifest, sha256_of, who
+from fmnist.registry.protocol import VERSION_CHARS, Manifest, sha256_of
 
 META_KEYS = ("version", "weights_file")  # artifacts.save writes these itself
 
