@@ -14,9 +14,17 @@
 # and offsets live in the state dir and survive `down`/`up`; delete $FMNIST_STATE/kafka for a
 # clean slate.
 #
+# KAFKA_VERSION picks another release: 4.x through the same pom; 3.9.x, for clients that Kafka 4
+# no longer answers (docs/brokers.md#legacy-clients), through scripts/kafka/pom-3.xml, whose
+# broker logs with log4j 1 (reload4j) instead of log4j2.
+#
 # Environment:
+#   KAFKA_VERSION     the Kafka release (default: <kafka.version> in scripts/kafka/pom.xml);
+#                     3.9.x or 4.x, the releases whose KRaft is set up as below (KIP-853)
 #   FMNIST_CACHE      jar cache (default ~/.cache/fmnist); uses $FMNIST_CACHE/kafka-<version>
-#   FMNIST_STATE      state dir (default <repo>/.state); uses $FMNIST_STATE/kafka
+#   FMNIST_STATE      state dir (default <repo>/.state); uses $FMNIST_STATE/kafka, or
+#                     $FMNIST_STATE/kafka-<version> for a KAFKA_VERSION other than the pom's, so
+#                     that releases never share data (`down` needs the same KAFKA_VERSION)
 #   KAFKA_PORT        client listener on 127.0.0.1 (default 9092)
 #   KAFKA_CONTROLLER_PORT  KRaft controller listener on 127.0.0.1 (default 9093)
 #   KAFKA_HEAP_OPTS   JVM heap (default -Xms256m -Xmx768m)
@@ -33,11 +41,18 @@ source "$repo/scripts/lib.sh"
 svc=kafka.sh
 java_min=17
 pom="$repo/scripts/kafka/pom.xml"
-version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+default_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+version="${KAFKA_VERSION:-$default_version}"
+case "$version" in
+  3.9.[0-9]*) pom="$repo/scripts/kafka/pom-3.xml"; log4j=1 ;;
+  [4-9].[0-9]*.[0-9]*) log4j=2 ;;
+  *) die "KAFKA_VERSION=$version: only 3.9.x and 4.x start here (KRaft as set up since 3.9)." 2 ;;
+esac
 title="Kafka $version"
 cache="${FMNIST_CACHE:-$HOME/.cache/fmnist}/kafka-$version"
 libs="$cache/libs"
 state="${FMNIST_STATE:-$repo/.state}/kafka"
+[[ "$version" == "$default_version" ]] || state+="-$version"
 pid_file="$state/kafka.pid"
 proc_match='kafka\.Kafka'
 service_out="$state/kafka.out"   # the JVM's own stdout/stderr (crashes, bad flags)
@@ -63,8 +78,9 @@ fetch_jars() {
   command -v mvn >/dev/null || die "Maven (mvn) is needed once to fetch the Kafka $version jars." 2
   echo "Fetching the Kafka $version jars into $libs (once) ..."
   rm -rf "$libs.tmp"
-  mvn -q -B -Dstyle.color=never -f "$pom" dependency:copy-dependencies \
-    -DoutputDirectory="$libs.tmp" || die "mvn could not fetch the jars (Maven Central reachable?)."
+  mvn -q -B -Dstyle.color=never -f "$pom" -Dkafka.version="$version" \
+    dependency:copy-dependencies -DoutputDirectory="$libs.tmp" \
+    || die "mvn could not fetch the jars (Maven Central reachable?)."
   rm -rf "$libs"
   mv "$libs.tmp" "$libs"
   echo "$want" >"$libs/.complete"
@@ -97,13 +113,29 @@ offsets.topic.replication.factor=1
 offsets.topic.num.partitions=4
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 num.network.threads=2
 num.io.threads=4
 log.retention.hours=24
 log.segment.bytes=67108864
+EOF
+  if ((log4j == 1)); then  # Kafka 3.x: no share groups yet; log4j 1 (reload4j)
+    cat >"$state/log4j.properties" <<EOF
+# Written by scripts/kafka.sh: the broker logs to $log_file (10 MB x 3).
+log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.RollingFileAppender
+log4j.appender.file.File=$log_file
+log4j.appender.file.MaxFileSize=10MB
+log4j.appender.file.MaxBackupIndex=2
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.state.change.logger=WARN
+EOF
+    return 0
+  fi
+  cat >>"$props" <<EOF
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
 EOF
   cat >"$state/log4j2.properties" <<EOF
 # Written by scripts/kafka.sh: the broker logs to $log_file (10 MB x 3).
@@ -130,9 +162,10 @@ EOF
 set_jvm() {
   local heap
   read -r -a heap <<<"${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
+  local log_config=-Dlog4j2.configurationFile="$state/log4j2.properties"
+  ((log4j == 2)) || log_config=-Dlog4j.configuration="file:$state/log4j.properties"
   jvm=(java "${heap[@]}" -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
-       -Dkafka.logs.dir="$state/logs" -Dlog4j2.configurationFile="$state/log4j2.properties"
-       -cp "$libs/*")
+       -Dkafka.logs.dir="$state/logs" "$log_config" -cp "$libs/*")
 }
 
 format_once() {
