@@ -48,6 +48,16 @@ def handle_errors(func: F) -> F:
         except FmnistError as exc:
             console.error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            from fmnist.installs import from_import_error
+
+            # a package a client or serving install leaves out, reached by a path that has no
+            # up-front check: the same clear error; any other missing module is a bug
+            if (clear := from_import_error(f"`fmnist {func.__name__.removesuffix('_cmd')}`",
+                                           exc)) is None:
+                raise
+            console.error(clear.message, clear.hint)
+            raise typer.Exit(clear.exit_code) from None
         except KeyboardInterrupt:
             console.error("Interrupted.")
             raise typer.Exit(Interrupted.exit_code) from None
@@ -281,8 +291,10 @@ def train_cmd(
         if remote is not None:
             render_job_result(remote, cfg, as_json)
         return
-    from fmnist import feedback
+    from fmnist import feedback, installs
 
+    installs.require("Training (`fmnist train` without --broker)", *installs.INFERENCE,
+                     *installs.PLOTS)
     result = train.train(cfg, console.TrainProgress(), extra=feedback.for_training(cfg))
     metrics = result.meta["metrics"]
     if as_json:
@@ -329,6 +341,9 @@ def evaluate_cmd(
         if remote is not None:
             render_job_result(remote, cfg, as_json)
         return
+    from fmnist import installs
+
+    installs.require("`fmnist evaluate` without --broker", *installs.INFERENCE, *installs.PLOTS)
     result = evaluate.evaluate(cfg)
     if as_json:
         console.print_json(result.as_dict())
@@ -419,6 +434,10 @@ def serve_cmd(
                              "Run `fmnist serve --jobs` without them; `fmnist jobs list` shows "
                              "what job workers do.")
 
+        from fmnist import installs
+
+        installs.require("A job worker (`fmnist serve --jobs`)", *installs.INFERENCE,
+                         *installs.PLOTS)
         serve_jobs(cfg)
         return
     serve.serve(cfg, live_status=not quiet, reload=reload)
