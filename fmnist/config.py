@@ -131,6 +131,9 @@ class KafkaConfig:
     compression: str = ""
     linger_ms: int = 1
     fetch_max_wait_ms: int = 5
+    # librdkafka's group.instance.id: "" = dynamic membership; a stable id per worker makes it
+    # a static member (docs/reliability.md#rebalances); two live workers must never share one.
+    instance_id: str = ""
     # librdkafka properties (name -> value) on top of the client configs fmnist builds;
     # checked by librdkafka itself when the broker is made (fmnist/brokers/kafka/settings.py).
     extra: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
@@ -523,6 +526,10 @@ def _validate(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
          "must be `auto`, `always` or `never`"),
         ("imaging.max_payload_bytes", cfg.imaging.max_payload_bytes > 0, "must be positive"),
         ("kafka.partitions", cfg.kafka.partitions >= 1, "must be at least 1"),
+        ("kafka.instance_id", len(cfg.kafka.instance_id) <= 249
+         and all(c.isascii() and (c.isalnum() or c in "._-") for c in cfg.kafka.instance_id)
+         and cfg.kafka.instance_id not in (".", ".."),
+         "must be at most 249 of a-z A-Z 0-9 . _ - (Kafka's rule; a pod name fits)"),
         ("data.download_timeout_s", cfg.data.download_timeout_s > 0, "must be positive"),
     ]
     for dotted, ok, message in checks:

@@ -117,7 +117,8 @@ def test_a_combination_librdkafka_refuses_at_creation_names_the_property(
 @pytest.mark.parametrize(("name", "key"), [("bootstrap.servers", "kafka.bootstrap_servers"),
                                            ("client.id", "kafka.client_id"),
                                            ("sasl.password", "kafka.sasl_password"),
-                                           ("compression.codec", "kafka.compression")])
+                                           ("compression.codec", "kafka.compression"),
+                                           ("group.instance.id", "kafka.instance_id")])
 def test_a_property_with_an_fmnist_key_is_refused_naming_the_key(fmnist_home: Path, name: str,
                                                                  key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -130,6 +131,8 @@ def test_a_property_with_an_fmnist_key_is_refused_naming_the_key(fmnist_home: Pa
                                            ("enable.idempotence", "idempotent"),
                                            ("acks", "acks=all"),
                                            ("auto.offset.reset", "earliest"),
+                                           ("partition.assignment.strategy",
+                                            "cooperative-sticky"),
                                            ("error_cb", "Python callback")])
 def test_a_property_fmnist_relies_on_is_refused_saying_why(fmnist_home: Path, name: str,
                                                           why: str) -> None:
@@ -155,3 +158,44 @@ def test_no_extra_makes_no_throwaway_clients(fmnist_home: Path,
     monkeypatch.setattr(settings, "Producer", refuse)
     monkeypatch.setattr(settings, "Consumer", refuse)
     broker()
+
+
+# --- group membership: cooperative rebalancing, static members ------------------------------
+
+
+def test_group_members_rebalance_cooperatively_and_readers_join_no_group(
+        fmnist_home: Path) -> None:
+    k = broker(instance_id="worker-0").cfg.kafka
+    member, reader = settings.consumer_config(k, "g"), settings.consumer_config(k, None)
+    assert member["partition.assignment.strategy"] == "cooperative-sticky"
+    assert member["group.instance.id"] == "worker-0"
+    # a reader only assigns: no strategy, and an instance id would be one per process anyway
+    assert "partition.assignment.strategy" not in reader and "group.instance.id" not in reader
+
+
+def test_no_instance_id_is_dynamic_membership(fmnist_home: Path) -> None:
+    assert "group.instance.id" not in settings.consumer_config(broker().cfg.kafka, "g")
+
+
+def test_librdkafka_takes_a_static_cooperative_member_with_fmnist_s_session(
+        fmnist_home: Path) -> None:
+    # a pod name: the id docs/kubernetes.md#static-membership gives each worker
+    kafka = broker(instance_id="fmnist-worker-7d9f8c6b5-x2x4q")
+    conf = {**kafka.client_config(), **settings.consumer_config(kafka.cfg.kafka, "g")}
+    assert conf["session.timeout.ms"] == settings.SESSION_TIMEOUT_MS
+    Consumer(conf).close()  # raises KafkaException for a property or value it refuses
+
+
+@pytest.mark.parametrize("bad", ["worker 0", "w/0", "pod:0", ".", "..", "x" * 250, "wörker"])
+def test_an_instance_id_kafka_would_refuse_is_refused_naming_its_variable(
+        fmnist_home: Path, bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        broker(instance_id=bad)
+    assert info.value.message.startswith("Invalid config: kafka.instance_id must be")
+    assert "environment variable FMNIST_KAFKA__INSTANCE_ID" in info.value.message
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("good", ["", "w", "fmnist-worker-0", "host.example_1-2", "x" * 249])
+def test_an_instance_id_kafka_accepts_is_taken(fmnist_home: Path, good: str) -> None:
+    assert broker(instance_id=good).cfg.kafka.instance_id == good

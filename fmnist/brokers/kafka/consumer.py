@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from fmnist.brokers.base import Message
 from fmnist.brokers.kafka import errors, settings
+from fmnist.errors import ConfigError, FmnistError
 
 if TYPE_CHECKING:
     from fmnist.brokers.kafka.broker import KafkaBroker
@@ -20,6 +23,9 @@ log = logging.getLogger("fmnist.brokers.kafka")
 # How often a group member's librdkafka reports the state of its broker connections (``outage``
 # reads it); a report is ~4 KB of JSON, parsed on the reading thread.
 STATS_EVERY_MS = 1000
+# The longest a static member waits, on close, for librdkafka to revoke its partitions so that
+# it can leave the group (``_leave``); one poll is enough when Kafka answers.
+LEAVE_TIMEOUT_S = 2.0
 
 
 def _names(partitions: list[Any]) -> str:
@@ -28,7 +34,17 @@ def _names(partitions: list[Any]) -> str:
 
 
 class KafkaTopicConsumer:
-    """A consumer-group member, or a private reader of every partition (``group`` None)."""
+    """A consumer-group member, or a private reader of every partition (``group`` None).
+
+    A member rebalances cooperatively (docs/decisions.md#cooperative-rebalancing): a rebalance
+    revokes only the partitions that move, and the member reads the others throughout.
+    Work already handed out from a revoked partition is still answered, but never committed
+    here (``commit`` and ``redeliver`` act only on partitions still assigned): the new owner
+    starts at the last commit and answers it again, so a rebalance costs duplicates, never a
+    request.
+    """
+
+    _held: frozenset[int] = frozenset()  # what the rebalance callbacks gave us, for their logs
 
     def __init__(self, broker: KafkaBroker, topic: str, group: str | None, from_beginning: bool,
                  partitions: list[int], max_records: int, max_hold_s: float | None = None
@@ -39,7 +55,8 @@ class KafkaTopicConsumer:
         self._max_records = max_records
         self._starts: dict[int, int] = {}  # partition -> committed offset, until one is read
         self._outage: str | None = None  # see ``outage``
-        self._joining = group is not None  # until the group first assigns partitions (``outage``)
+        self._joining = group is not None  # until the group's first assignment (``outage``)
+        self._instance_id = broker.cfg.kafka.instance_id if group is not None else ""
         self._consumer: Any = None
         try:
             self._consumer = self._connect()
@@ -61,7 +78,7 @@ class KafkaTopicConsumer:
             if self.group is not None:
                 try:
                     consumer.subscribe([self.topic], on_assign=self._assigned,
-                                       on_revoke=self._revoked)
+                                       on_revoke=self._revoked, on_lost=self._lost)
                 except BaseException:
                     consumer.close()
                     raise
@@ -98,14 +115,55 @@ class KafkaTopicConsumer:
         elif known and self._outage is None:
             self._outage = f"Kafka at {self.broker.address}: no broker connection is up"
 
-    def _assigned(self, _consumer: Any, partitions: list[Any]) -> None:
-        self._starts.clear()  # see ``lag``
-        self._joining = False
-        log.info("group %s: partitions assigned: %s", self.group, _names(partitions) or "none")
+    # -- rebalances: librdkafka calls these from inside poll/consume/close, on the reading thread
 
-    def _revoked(self, _consumer: Any, partitions: list[Any]) -> None:
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        """Partitions added to ours (cooperative: ``partitions`` is only what is new, often
+        nothing). Each starts at the group's last commit for it."""
+        self._change(consumer, "incremental_assign", partitions)
+        self._held = self._held | {tp.partition for tp in partitions}
+        if partitions or self._joining:
+            log.info("group %s: partitions assigned: %s (now %s)", self.group,
+                     _names(partitions) or "none", self._holding())
+        self._joining = False
+
+    def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
+        """Partitions taken away to go to another member; the rest stay ours and are read on.
+        Work from them still in the pipeline is answered, never committed (see the class)."""
+        self._change(consumer, "incremental_unassign", partitions)
+        self._held = self._held - {tp.partition for tp in partitions}
         if partitions:
-            log.info("group %s: partitions revoked: %s", self.group, _names(partitions))
+            log.info("group %s: partitions revoked: %s (kept %s)", self.group,
+                     _names(partitions), self._holding())
+
+    def _lost(self, consumer: Any, partitions: list[Any]) -> None:
+        """Partitions the group gave away without asking us: this member missed its session
+        (``SESSION_TIMEOUT_MS``) or held a batch past ``max.poll.interval.ms``. Another member
+        may already read them, so nothing of theirs is committed."""
+        self._change(consumer, "incremental_unassign", partitions)
+        self._held = self._held - {tp.partition for tp in partitions}
+        if partitions:
+            log.warning("group %s: partitions lost: %s; their new owner answers again what "
+                        "was not committed", self.group, _names(partitions))
+
+    def _change(self, consumer: Any, how: str, partitions: list[Any]) -> None:
+        """librdkafka's incremental (un)assignment, which a callback under the cooperative
+        protocol must make itself. What another member may have committed for these
+        partitions is asked again (see ``lag``). While closing, a refusal is of no
+        consequence (the handle goes away with its assignment) and must not fail the close."""
+        for tp in partitions:
+            self._starts.pop(tp.partition, None)
+        if consumer is None:  # the unit tests' member has no librdkafka handle
+            return
+        try:
+            getattr(consumer, how)(partitions)
+        except KafkaException as exc:
+            if not self.closed:
+                raise
+            log.debug("group %s: %s while closing: %s", self.group, how, exc)
+
+    def _holding(self) -> str:
+        return ", ".join(f"{self.topic}/{p}" for p in sorted(self._held)) or "none"
 
     def _start_reader(self, partitions: list[int], from_beginning: bool) -> None:
         """Assign every partition at offsets resolved now, not lazily at the first fetch:
@@ -140,7 +198,7 @@ class KafkaTopicConsumer:
         message is a ``poll``, which returns as soon as one arrives.
         """
         limit = max(1, min(max_messages, self._max_records))
-        with self.broker.translated(f"read {self.topic}"):
+        with self._translated(f"read {self.topic}"):
             records = self._consumer.consume(limit, 0)
             if not records and timeout_s > 0:
                 first = self._consumer.poll(timeout_s)
@@ -159,12 +217,40 @@ class KafkaTopicConsumer:
 
     def _fetch_error(self, err: KafkaError) -> None:
         """An error delivered in place of a message: fatal ones end this consumer (the worker
-        makes a new one); the rest librdkafka retries on its own."""
+        makes a new one, unless it was fenced: ``_fatal``); the rest librdkafka retries on its
+        own."""
+        if err.code() == KafkaError._FATAL:
+            raise self._fatal(err, f"read {self.topic}")
         if err.fatal() or err.code() in errors.NO_TOPIC:
             raise self.broker.error(f"read {self.topic}", KafkaException(err))
         if err.code() in errors.UNREACHABLE | errors.TIMEOUTS:
             self._outage = f"Kafka at {self.broker.address}: reading {self.topic}: {err.str()}"
         log.warning("Kafka consumer of %s: %s: %s", self.topic, err.name(), err.str())
+
+    def _fatal(self, err: KafkaError, what: str) -> FmnistError:
+        """librdkafka's fatal error leaves a consumer unusable. The one a static member meets
+        is being fenced out by another consumer that joined with the same
+        ``group.instance.id``: a configuration error, not an outage (librdkafka's own words are
+        kept in the message). Reconnecting would fence the other in turn, and the two would
+        take the partitions from each other forever, so the worker stops (exit code 2)."""
+        if not self._instance_id:
+            return self.broker.error(what, KafkaException(err))
+        return ConfigError(
+            f"Another consumer joined group {self.group} with this worker's kafka.instance_id "
+            f"{self._instance_id!r}, so Kafka fenced this one out ({err.str()}).",
+            "Give every worker its own id (FMNIST_KAFKA__INSTANCE_ID; on Kubernetes its pod's "
+            "name: docs/kubernetes.md#static-membership), or leave it empty.")
+
+    @contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        """``broker.translated``, with a fatal error worded by ``_fatal``."""
+        try:
+            yield
+        except KafkaException as exc:
+            err = errors.error_of(exc)
+            if err is not None and err.code() == KafkaError._FATAL:
+                raise self._fatal(err, what) from None
+            raise self.broker.error(what, exc) from None
 
     def _message(self, r: Any, now: float) -> Message:
         headers = {name: (value or b"").decode("utf-8", "replace")
@@ -195,7 +281,7 @@ class KafkaTopicConsumer:
         positions = self._consumer.position(assignment)
         unread = [tp for tp in positions if tp.offset < 0 and tp.partition not in self._starts]
         if unread:
-            with self.broker.translated(f"read the committed offsets of group {self.group}"):
+            with self._translated(f"read the committed offsets of group {self.group}"):
                 for tp in self._consumer.committed(unread, timeout=self.broker.timeout_ms / 1000):
                     self._starts[tp.partition] = tp.offset
         lag = {}
@@ -230,14 +316,16 @@ class KafkaTopicConsumer:
             offsets.append(TopicPartition(self.topic, partition, offset + 1, leader_epoch=epoch))
         if not offsets:
             return
-        try:
-            done = self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            if errors.code_of(exc) in errors.REBALANCED:
+        with self._translated(f"commit offsets of group {self.group}"):
+            try:
+                done = self._consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                if errors.code_of(exc) not in errors.REBALANCED:
+                    raise
                 log.warning("group %s rebalanced, commit refused (%s); the partitions' new "
-                            "owner delivers those messages again", self.group, errors.reason_of(exc))
+                            "owner delivers those messages again", self.group,
+                            errors.reason_of(exc))
                 return
-            raise self.broker.error(f"commit offsets of group {self.group}", exc) from None
         refused = [tp for tp in done or () if tp.error is not None]
         if refused:
             log.warning("group %s: commit refused for %s (%s); their owner delivers those "
@@ -251,7 +339,7 @@ class KafkaTopicConsumer:
         if self.group is None or not messages:
             return
         for partition, seen in self._owned(messages).items():
-            with self.broker.translated(f"seek {self.topic}/{partition}"):
+            with self._translated(f"seek {self.topic}/{partition}"):
                 self._consumer.seek(TopicPartition(self.topic, partition, min(seen)[0]))
 
     def close(self) -> None:
@@ -261,6 +349,25 @@ class KafkaTopicConsumer:
         self.closed = True
         if self._consumer is not None:  # None: the constructor failed before connecting
             try:
+                if self._instance_id:
+                    self._leave()
                 self._consumer.close()
             except (KafkaException, RuntimeError) as exc:
                 log.warning("Kafka consumer of %s did not close cleanly: %s", self.topic, exc)
+
+    def _leave(self) -> None:
+        """Leave the group as a static member, which librdkafka's close alone never does.
+
+        A static member that closes keeps its partitions for its session
+        (``SESSION_TIMEOUT_MS``), waiting for a process with its id; nobody reads them
+        meanwhile. A worker that closes drains (SIGTERM) or reconnects, and a replacement
+        takes seconds to start (the model loads), far longer than a rebalance, so it leaves,
+        as a dynamic member does: its partitions move on at once
+        (docs/decisions.md#cooperative-rebalancing). librdkafka sends the LeaveGroup once the
+        revocation that ``unsubscribe`` starts is served, which takes a poll; a message that
+        poll fetches is dropped uncommitted, and its next owner reads it.
+        """
+        self._consumer.unsubscribe()
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S
+        while self._consumer.assignment() and time.monotonic() < deadline:
+            self._consumer.poll(0.05)

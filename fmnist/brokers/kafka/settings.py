@@ -24,6 +24,10 @@ if librdkafka_log.level == logging.NOTSET:
 CLOSE_TIMEOUT_S = 5.0
 BROKER_MESSAGE_MAX_BYTES = 1_048_588  # Kafka's default message.max.bytes
 SESSION_TIMEOUT_MS = 10_000  # a dead worker's partitions move on after this long
+# Group members hand over only the partitions that move, and keep reading the others through a
+# rebalance (docs/decisions.md#cooperative-rebalancing); ``consumer``'s callbacks assign
+# incrementally, which only this protocol allows.
+ASSIGNMENT_STRATEGY = "cooperative-sticky"
 COMPRESSIONS = ("", "gzip", "snappy", "lz4", "zstd")  # all built into librdkafka's wheel
 
 # librdkafka properties that ``kafka.extra`` may not set (docs/brokers.md#kafka-extra).
@@ -37,7 +41,7 @@ OWNED_BY_KEY = {
     "ssl.certificate.location": "kafka.ssl_certfile", "ssl.key.location": "kafka.ssl_keyfile",
     "compression.type": "kafka.compression", "compression.codec": "kafka.compression",
     "linger.ms": "kafka.linger_ms", "queue.buffering.max.ms": "kafka.linger_ms",
-    "fetch.wait.max.ms": "kafka.fetch_max_wait_ms",
+    "fetch.wait.max.ms": "kafka.fetch_max_wait_ms", "group.instance.id": "kafka.instance_id",
 }
 _COMMITS = "fmnist commits a request's offset only after its answer is published (at least once)"
 _IDEMPOTENT = "the producer is idempotent with acks=all, so a retried send is never lost or doubled"
@@ -49,6 +53,8 @@ GUARDED = {
     "auto.offset.reset": "workers and readers start from the earliest message they have not "
                          "seen; `latest` would skip requests sent before a worker started",
     "enable.partition.eof": "fmnist's consume loop takes no end-of-partition events",
+    "partition.assignment.strategy": "workers assign and revoke partitions incrementally "
+                                     "(cooperative-sticky), which other strategies refuse",
     "allow.auto.create.topics": "fmnist creates its topics itself (`broker.create_topics`), "
                                 "with its partitions and settings",
     **{name: _CALLBACK for name in ("error_cb", "logger", "on_delivery", "dr_cb", "dr_msg_cb",
@@ -160,10 +166,19 @@ def consumer_config(k: KafkaConfig, group: str | None, max_hold_s: float | None 
 
     ``max_hold_s`` becomes ``max.poll.interval.ms`` (librdkafka allows up to a day): a member
     that does not read again within it leaves the group and its partitions move on.
+
+    A group member (``group`` given) rebalances cooperatively (``ASSIGNMENT_STRATEGY``) and,
+    with ``kafka.instance_id``, is a static member (``group.instance.id``). A reader only
+    assigns, so it gets neither.
     """
     hold = {} if max_hold_s is None else {
         "max.poll.interval.ms": int(min(max(max_hold_s, 1.0), 86_400.0) * 1000)}
-    return {**hold,
+    member: dict[str, Any] = {}
+    if group is not None:
+        member["partition.assignment.strategy"] = ASSIGNMENT_STRATEGY
+        if k.instance_id:
+            member["group.instance.id"] = k.instance_id
+    return {**hold, **member,
         # librdkafka wants a group id even for a reader that only assigns; a reader never
         # commits or subscribes, so the broker never hears of this one.
         "group.id": group or f"fmnist-reader-{uuid.uuid4().hex}",
