@@ -25,8 +25,10 @@
 #   FMNIST_STATE      state dir (default <repo>/.state); uses $FMNIST_STATE/kafka, or
 #                     $FMNIST_STATE/kafka-<version> for a KAFKA_VERSION other than the pom's, so
 #                     that releases never share data (`down` needs the same KAFKA_VERSION)
-#   KAFKA_PORT        client listener on 127.0.0.1 (default 9092)
-#   KAFKA_CONTROLLER_PORT  KRaft controller listener on 127.0.0.1 (default 9093)
+#   KAFKA_HOST        the address both listeners bind and clients are told (default 127.0.0.1;
+#                     this machine's own address lets containers on a bridge network reach it)
+#   KAFKA_PORT        client listener on $KAFKA_HOST (default 9092)
+#   KAFKA_CONTROLLER_PORT  KRaft controller listener on $KAFKA_HOST (default 9093)
 #   KAFKA_HEAP_OPTS   JVM heap (default -Xms256m -Xmx768m)
 #   KAFKA_READY_S     how long `up` waits for readiness (default 60)
 #   KAFKA_STOP_S      how long `down` waits after SIGTERM before SIGKILL (default 30)
@@ -59,7 +61,7 @@ service_out="$state/kafka.out"   # the JVM's own stdout/stderr (crashes, bad fla
 log_file="$state/logs/server.log"
 state_files=()
 props="$state/server.properties"
-host=127.0.0.1
+host="${KAFKA_HOST:-127.0.0.1}"
 port="${KAFKA_PORT:-9092}"
 controller_port="${KAFKA_CONTROLLER_PORT:-9093}"
 free_hint="KAFKA_PORT / KAFKA_CONTROLLER_PORT to free ports"

@@ -30,11 +30,12 @@ def can_build() -> str | None:
 
 
 def build(target: str) -> str:
-    """Build (or bring up to date) fmnist-TARGET:VERSION with scripts/images; its tag."""
+    """Build (or bring up to date) an image with scripts/images (serve, train or prometheus);
+    its tag."""
     done = subprocess.run([str(ROOT / "scripts" / "images"), target], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f"scripts/images {target} failed:\n{done.stdout}\n{done.stderr}"
-    return f"localhost/fmnist-{target}:{VERSION}"
+    return f"localhost/fmnist-{target}:{'debian' if target == 'prometheus' else VERSION}"
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -43,6 +44,16 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     if check:
         assert done.returncode == 0, f"podman {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done
+
+
+def host_address() -> str:
+    """This machine's own address, which containers on a bridge network reach it by (the
+    interface of its default route; no packet is sent)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))  # TEST-NET-2: never answered
+        return str(probe.getsockname()[0])
 
 
 def inspect_image(tag: str) -> dict[str, Any]:

@@ -301,15 +301,17 @@ class Stream:
 
 class OwnKafka:
     """A single-node Kafka of our own (scripts/kafka.sh on free ports, its state in ``state``)
-    that a scenario may stop and start; the shared one on 9092 is never touched."""
+    that a scenario may stop and start; the shared one on 9092 is never touched. ``host`` is
+    the address it listens on and names to clients (this machine's own address, for clients in
+    containers)."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.controller_port = free_port()
         while self.controller_port == self.port:
             self.controller_port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "KAFKA_PORT": str(self.port),
+        self.address = f"{host}:{self.port}"
+        self.env = {**os.environ, "KAFKA_HOST": host, "KAFKA_PORT": str(self.port),
                     "KAFKA_CONTROLLER_PORT": str(self.controller_port), "FMNIST_STATE": str(state),
                     "KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m", "KAFKA_READY_S": "90"}
 
