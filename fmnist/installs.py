@@ -4,7 +4,7 @@
 packages out (docs/install.md): ``requirements/client.txt`` (send, listen, jobs; no Keras, JAX
 or TensorFlow) and ``requirements/serve.txt`` (serving on JAX, no TensorFlow or matplotlib).
 A command that needs what the install left out says so before it starts work, instead of
-failing with a traceback after an epoch of training.
+failing with a traceback after an epoch of training (docs/decisions.md#install-sets).
 """
 
 from __future__ import annotations
