@@ -3,6 +3,7 @@ that run a worker the way users run it in a container."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -29,6 +30,7 @@ def can_build() -> str | None:
     return "needs podman (Debian/Ubuntu: sudo apt-get install podman runc debootstrap)"
 
 
+@functools.cache  # once per test session: later calls only bring the tag back
 def build(target: str) -> str:
     """Build (or bring up to date) an image with scripts/images (serve, train or prometheus);
     its tag."""
