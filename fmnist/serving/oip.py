@@ -29,15 +29,18 @@ def parse(payload: bytes) -> tuple[str | None, np.ndarray]:
     """An OIP inference request -> (its id, pixels [N, 28, 28] float32 in 0..255)."""
     try:
         body = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError("invalid_request", f"body is not JSON: {exc}") from None
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer over Python's 4300
+    # digits; RecursionError, nesting deeper than the interpreter's stack ("[" * 100000).
+    # Either would otherwise leave as internal_error, not the client's invalid_request.
+    except (ValueError, RecursionError) as exc:
+        raise RequestError("invalid_request", f"body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise RequestError("invalid_request", "an inference request needs a non-empty `inputs` list")
     tensor = body["inputs"][0]
     if not isinstance(tensor, dict):
         raise RequestError("invalid_request", "`inputs[0]` must be an object")
     shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list is unhashable
         raise RequestError("invalid_request", f"datatype must be one of {sorted(DATATYPES)}, "
                                               f"got {datatype!r}")
     if (not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)
@@ -48,7 +51,7 @@ def parse(payload: bytes) -> tuple[str | None, np.ndarray]:
         raise RequestError("invalid_request", f"at most {MAX_ROWS} images per request, got {shape[0]}")
     try:
         array = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float64
         raise RequestError("invalid_request", "`data` must be numbers") from None
     if array.size != int(np.prod(shape)):
         raise RequestError("invalid_request", f"`data` holds {array.size} values, shape {shape} "
