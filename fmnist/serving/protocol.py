@@ -31,6 +31,10 @@ ERROR_CODE = "error_code"
 
 MAX_HEADER_VALUE = 1024
 MAX_HEADERS = 64
+# sent_at is taken within 0..2**53 ms (the year 287,396; exact as a float): outside it, the
+# response's timings overflowed a float or orjson's 64-bit ints (sent_at: 99999999999999999999)
+# and the exception left the handler, so the worker crashed on that request at every delivery.
+MAX_SENT_AT_MS = 2**53
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -108,7 +112,10 @@ def parse_request(message: Message, response_topic: str) -> tuple[Request, Reque
     if (raw_sent := headers.get(SENT_AT)) is not None:
         try:
             sent_at = int(raw_sent)
+            if not 0 <= sent_at <= MAX_SENT_AT_MS:
+                raise ValueError(raw_sent)
         except ValueError:
+            sent_at = None
             if error is None:
                 error = RequestError("invalid_headers", "sent_at must be epoch milliseconds.")
     reply_to = headers.get(REPLY_TO) or response_topic
