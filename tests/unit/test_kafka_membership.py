@@ -86,6 +86,74 @@ def test_a_refused_unassignment_fails_the_read_but_never_the_close(member_of: An
     member._revoked(Handle(refuse=True), tps(0))  # from close: the handle is going anyway
 
 
+class Group(Handle):
+    """A handle whose assignment follows the callbacks, and which records commits."""
+
+    def __init__(self, real: Any) -> None:
+        super().__init__()
+        self.real, self.owned, self.commits = real, set[int](), list[dict[int, int]]()
+
+    def incremental_assign(self, partitions: list[Any]) -> None:
+        self.owned |= {tp.partition for tp in partitions}
+
+    def incremental_unassign(self, partitions: list[Any]) -> None:
+        self.owned -= {tp.partition for tp in partitions}
+
+    def assignment(self) -> list[TopicPartition]:
+        return tps(*sorted(self.owned))
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[Any]:
+        assert not asynchronous
+        self.commits.append({tp.partition: tp.offset for tp in offsets})
+        return offsets
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def answered(partition: int, offset: int) -> Message:
+    return Message(b"", {}, None, "req", f"req/{partition}/{offset}", None, 0.0,
+                   handle=(partition, offset, 1))
+
+
+def test_commits_wait_for_the_rebalance_that_revoked_some_of_ours(member_of: Any) -> None:
+    member = member_of()
+    real = member._consumer
+    member._consumer = group = Group(real)
+    try:
+        member._assigned(group, tps(0, 1, 2, 3))
+        member.commit([answered(0, 9), answered(2, 4)])
+        assert group.commits == [{0: 10, 2: 5}]  # no rebalance: at once
+        member._revoked(group, tps(0, 1))  # a newcomer takes two
+        member.commit([answered(2, 7), answered(3, 1), answered(0, 12)])  # 0: no longer ours
+        member._assigned(group, [])  # the first round's (empty) assignment, then a rejoin
+        member.commit([answered(2, 8)])
+        assert group.commits == [{0: 10, 2: 5}]  # held back: librdkafka would hold them
+        member._assigned(group, [])  # the second round: the rebalance is over
+        assert group.commits[1:] == [{2: 9, 3: 2}]  # the highest of each, in one commit
+        member.commit([answered(3, 5)])
+        assert group.commits[2:] == [{3: 6}]
+    finally:
+        member._consumer = real
+
+
+def test_a_revoked_partition_s_held_back_offsets_are_never_committed(member_of: Any) -> None:
+    member = member_of()
+    real = member._consumer
+    member._consumer = group = Group(real)
+    try:
+        member._assigned(group, tps(0, 1))
+        member._revoked(group, tps(1))
+        member.commit([answered(0, 3)])
+        member._assigned(group, [])
+        member._revoked(group, tps(0))  # another rebalance takes it before this one ends
+        member._assigned(group, [])
+        member._assigned(group, tps(2))
+        assert group.commits == []  # partition 0's new owner answers offset 3 again
+    finally:
+        member._consumer = real
+
+
 FENCED = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other "
                                        "consumer with same group.instance.id")
 

@@ -26,6 +26,9 @@ STATS_EVERY_MS = 1000
 # The longest a static member waits, on close, for librdkafka to revoke its partitions so that
 # it can leave the group (``_leave``); one poll is enough when Kafka answers.
 LEAVE_TIMEOUT_S = 2.0
+# The longest ``commit`` holds offsets back while a rebalance that revoked some of ours is
+# still under way (``_settling``): it ends in about a second, but never trust a rebalance to end.
+REBALANCE_HOLD_S = settings.SESSION_TIMEOUT_MS / 1000
 
 
 def _names(partitions: list[Any]) -> str:
@@ -45,6 +48,9 @@ class KafkaTopicConsumer:
     """
 
     _held: frozenset[int] = frozenset()  # what the rebalance callbacks gave us, for their logs
+    _revoked_at: float | None = None  # when a rebalance under way revoked some (``commit``)
+    _assigns_to_settle = 0  # assignments until that rebalance ends (``_revoked``)
+    _logged: frozenset[int] | None = None  # the assignment the last log line named
 
     def __init__(self, broker: KafkaBroker, topic: str, group: str | None, from_beginning: bool,
                  partitions: list[int], max_records: int, max_hold_s: float | None = None
@@ -57,6 +63,7 @@ class KafkaTopicConsumer:
         self._outage: str | None = None  # see ``outage``
         self._joining = group is not None  # until the group's first assignment (``outage``)
         self._instance_id = broker.cfg.kafka.instance_id if group is not None else ""
+        self._held_back: dict[int, tuple[int, int]] = {}  # partition -> (offset, epoch) to commit
         self._consumer: Any = None
         try:
             self._consumer = self._connect()
@@ -122,10 +129,16 @@ class KafkaTopicConsumer:
         nothing). Each starts at the group's last commit for it."""
         self._change(consumer, "incremental_assign", partitions)
         self._held = self._held | {tp.partition for tp in partitions}
-        if partitions or self._joining:
-            log.info("group %s: partitions assigned: %s (now %s)", self.group,
-                     _names(partitions) or "none", self._holding())
+        if self._held != self._logged or self._joining:  # the line names all we hold now
+            log.info("group %s: partitions assigned: %s", self.group, self._holding())
+            self._logged = self._held
         self._joining = False
+        if self._assigns_to_settle:
+            self._assigns_to_settle -= 1
+            if not self._assigns_to_settle:  # the rebalance that revoked some of ours is over
+                self._revoked_at = None
+                if self._held_back and consumer is not None and not self.closed:
+                    self._commit_held_back(quietly=True)
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
         """Partitions taken away to go to another member; the rest stay ours and are read on.
@@ -133,6 +146,9 @@ class KafkaTopicConsumer:
         self._change(consumer, "incremental_unassign", partitions)
         self._held = self._held - {tp.partition for tp in partitions}
         if partitions:
+            # librdkafka then assigns what the first round added (often nothing) and rejoins;
+            # the rebalance ends with the second round's assignment.
+            self._revoked_at, self._assigns_to_settle = time.monotonic(), 2
             log.info("group %s: partitions revoked: %s (kept %s)", self.group,
                      _names(partitions), self._holding())
 
@@ -153,6 +169,8 @@ class KafkaTopicConsumer:
         consequence (the handle goes away with its assignment) and must not fail the close."""
         for tp in partitions:
             self._starts.pop(tp.partition, None)
+            if how == "incremental_unassign":
+                self._held_back.pop(tp.partition, None)  # no longer ours to commit
         if consumer is None:  # the unit tests' member has no librdkafka handle
             return
         try:
@@ -307,25 +325,57 @@ class KafkaTopicConsumer:
         return {p: v for p, v in by_partition.items() if p in owned}
 
     def commit(self, messages: list[Message]) -> None:
-        """Commit, synchronously, the offset after the highest given per partition."""
+        """Commit, synchronously, the offset after the highest given per partition.
+
+        Not while a rebalance that revoked some of our partitions is under way: from the
+        revocation to the end of the rebalance's second round (about a second) librdkafka
+        holds a commit, then fails it (ILLEGAL_GENERATION), and the serve loop would wait in
+        it, answering none of the partitions it kept (measured: 0.9 s). The offsets are held
+        back meanwhile and committed when the rebalance ends (``_assigned``) or at close; a
+        worker killed before that answers them again, as for any commit not yet made.
+        """
         if self.group is None or not messages:
             return  # a private reader keeps no position on the broker
-        offsets = []
         for partition, seen in self._owned(messages).items():
             offset, epoch = max(seen)
-            offsets.append(TopicPartition(self.topic, partition, offset + 1, leader_epoch=epoch))
+            if offset + 1 > self._held_back.get(partition, (-1, -1))[0]:
+                self._held_back[partition] = (offset + 1, epoch)
+        if not self._settling():
+            self._commit_held_back()
+
+    def _settling(self) -> bool:
+        """A rebalance that revoked some of ours has not ended yet (``REBALANCE_HOLD_S`` at
+        most)."""
+        return (self._assigns_to_settle > 0 and self._revoked_at is not None
+                and time.monotonic() - self._revoked_at < REBALANCE_HOLD_S)
+
+    def _commit_held_back(self, quietly: bool = False) -> None:
+        """Commit the offsets ``commit`` collected, of the partitions still ours. ``quietly``
+        (from a rebalance callback, or closing): a failure is logged, not raised; the
+        partitions' next owner answers those requests again."""
+        owned = self.assigned()
+        offsets = [TopicPartition(self.topic, p, offset, leader_epoch=epoch)
+                   for p, (offset, epoch) in sorted(self._held_back.items()) if p in owned]
+        self._held_back = {}
         if not offsets:
             return
-        with self._translated(f"commit offsets of group {self.group}"):
-            try:
-                done = self._consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                if errors.code_of(exc) not in errors.REBALANCED:
-                    raise
-                log.warning("group %s rebalanced, commit refused (%s); the partitions' new "
-                            "owner delivers those messages again", self.group,
-                            errors.reason_of(exc))
-                return
+        try:
+            with self._translated(f"commit offsets of group {self.group}"):
+                try:
+                    done = self._consumer.commit(offsets=offsets, asynchronous=False)
+                except KafkaException as exc:
+                    if errors.code_of(exc) not in errors.REBALANCED:
+                        raise
+                    log.warning("group %s rebalanced, commit refused (%s); the partitions' "
+                                "new owner delivers those messages again", self.group,
+                                errors.reason_of(exc))
+                    return
+        except FmnistError as exc:
+            if not quietly:
+                raise
+            log.warning("group %s: commit failed (%s); those requests are answered again",
+                        self.group, exc.message)
+            return
         refused = [tp for tp in done or () if tp.error is not None]
         if refused:
             log.warning("group %s: commit refused for %s (%s); their owner delivers those "
@@ -349,6 +399,8 @@ class KafkaTopicConsumer:
         self.closed = True
         if self._consumer is not None:  # None: the constructor failed before connecting
             try:
+                if self._held_back:  # held back by a rebalance that has not ended (``commit``)
+                    self._commit_held_back(quietly=True)
                 if self._instance_id:
                     self._leave()
                 self._consumer.close()
