@@ -287,16 +287,25 @@ def _open(payload: bytes, fmt: str, limit: int,
 def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     """8-bit luma, and the alpha channel (None when the image has no transparency)."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0
-        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        if image.mode.startswith("I;16"):
+            # rint(v / 257) in integers: the same pixels (v / 257 is never halfway between two
+            # integers) in a third of the memory: the float64 steps peaked at 416 MiB for a
+            # 32 KB 4096x4096 PNG, within imaging.max_pixels (docs/reliability.md#fuzzed-input-path).
+            wide = np.asarray(image).astype(np.uint32)
+            wide += 128
+            wide //= 257
+            grey = wide.astype(np.uint8)
+        else:
+            values = np.asarray(image, dtype=np.float64)
+            if values.max(initial=0) > 255:
+                values = values / 257.0
+            grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         key = image.info.get("transparency")
         alpha = None if not isinstance(key, int) else np.where(
             np.asarray(image) == key, 0, 255).astype(np.uint8)
         return grey, alpha
     if image.has_transparency_data:
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # convert would copy
         return np.asarray(rgba.convert("L")), np.asarray(rgba.getchannel("A"))
     if image.mode not in ("L", "1", "P", "RGB"):  # CMYK, YCbCr, LAB, HSV...
         image = image.convert("RGB")
@@ -334,8 +343,14 @@ def _to_model_input(grey: np.ndarray, alpha: np.ndarray | None, mode: str) -> np
     invert = mode == "always" or (mode == "auto" and _light_background(grey, alpha))
     if alpha is not None:
         background = 255 if invert else 0
-        weighted = grey.astype(np.uint32) * alpha + background * (255 - alpha.astype(np.uint32))
-        grey = ((weighted + 127) // 255).astype(np.uint8)
+        # At most 255 * 255 + 127: uint16 and in place, the same values in a quarter of the
+        # memory of the uint32 temporaries (docs/reliability.md#fuzzed-input-path).
+        weighted = grey.astype(np.uint16)
+        weighted *= alpha
+        weighted += (255 - alpha).astype(np.uint16) * np.uint16(background)
+        weighted += 127
+        weighted //= 255
+        grey = weighted.astype(np.uint8)
     if invert:
         grey = 255 - grey
     if grey.shape != (SIZE, SIZE):
