@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hypothesis import given, settings  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from tests.unit import test_fuzz_inputs as fuzz  # noqa: E402
 
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-model", action="store_true", help="skip the handler with the model")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
+    # As in the suite (pytest's filterwarnings = error): Pillow's warning is an error, which
+    # imaging answers image_too_large. The handler's warnings (a label that is not 0-9) are
+    # expected here; its errors still print.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    logging.getLogger("fmnist").setLevel(logging.ERROR)
 
     chosen = targets(with_model=not args.no_model and (not args.only or "handler" in args.only))
     if args.only:

@@ -174,7 +174,7 @@ _shape = st.one_of(
 @st.composite
 def oip_bodies(draw: st.DrawFn) -> bytes:
     """Mostly well-formed tensors with one field gone wrong, some raw text and nesting."""
-    kind = draw(st.sampled_from(["tensor", "json", "text", "deep", "bignum"]))
+    kind = draw(st.sampled_from(["tensor"] * 4 + ["json", "text", "deep", "bignum"]))
     if kind == "text":
         return draw(st.binary(max_size=256))
     if kind == "deep":
@@ -185,15 +185,26 @@ def oip_bodies(draw: st.DrawFn) -> bytes:
         return b'{"inputs": [{"shape": [1, 784], "datatype": "FP32", "data": [' + b"9" * digits + b"]}]}"
     if kind == "json":
         return json.dumps(draw(_json)).encode()
-    shape = draw(_shape)
-    rows = shape[0] if isinstance(shape, list) and shape and isinstance(shape[0], int) and \
-        0 <= shape[0] <= 4 else 1
-    values = draw(st.one_of(
-        st.just([0] * (784 * rows)), st.lists(_json_leaf, max_size=8), _json,
-        st.builds(lambda v, n: [v] * n, _json_leaf, st.sampled_from([784, 783, 785, 1568]))))
-    tensor = {"name": "input", "shape": shape, "datatype": draw(
-        st.sampled_from(["FP32", "UINT8", "INT64", "fp32", None]) | _json), "data": values}
-    drop = draw(st.sampled_from([None, "shape", "datatype", "data"]))
+    rows = draw(st.integers(1, 3))
+    shape: Any = draw(st.sampled_from([[rows, 28, 28], [rows, 784], [rows, 28, 28, 1]]))
+    datatype: Any = draw(st.sampled_from(["FP32", "UINT8"]))
+    level = draw(st.sampled_from([0, 255, 17]) | st.floats(0, 255))
+    data: Any = np.full(shape, level).tolist() if draw(st.booleans()) else [level] * (784 * rows)
+    for fault in sorted(draw(st.lists(st.sampled_from(["shape", "datatype", "data", "value"]),
+                                      max_size=2, unique=True)), key=lambda f: f != "value"):
+        if fault == "shape":
+            shape = draw(_shape)
+        elif fault == "datatype":
+            datatype = draw(st.sampled_from(["INT64", "fp32", "BYTES", None]) | _json)
+        elif fault == "data":
+            data = draw(st.one_of(st.lists(_json_leaf, max_size=8), _json, st.builds(
+                lambda v, n: [v] * n, _json_leaf, st.sampled_from([783, 785, 1568]))))
+        else:  # one value wrong: sorted first, so data is still the good tensor here
+            flat = np.asarray(data, dtype=object).ravel().tolist()
+            flat[draw(st.integers(0, len(flat) - 1))] = draw(_json_leaf)
+            data = flat
+    tensor = {"name": "input", "shape": shape, "datatype": datatype, "data": data}
+    drop = draw(st.sampled_from([None, None, None, "shape", "datatype", "data"]))
     if drop:
         del tensor[drop]
     body: dict[str, Any] = {"inputs": [tensor]}
