@@ -39,7 +39,8 @@ class PubsubConsumer:
         self._ready = threading.Condition()
         self._buffer: deque[Any] = deque()  # vendor messages, oldest first
         self._handed_out: dict[str, Any] = {}  # ack_id -> vendor message, not yet settled
-        self._client = broker.subscriber()
+        # A worker's consumer has a channel of its own (``PubsubBroker.own_subscriber``).
+        self._client = broker.subscriber() if private else broker.own_subscriber()
         self._executor = futures.ThreadPoolExecutor(max_workers=2,
                                                     thread_name_prefix="fmnist-pubsub")
         self._stream = self._client.subscribe(
@@ -53,6 +54,7 @@ class PubsubConsumer:
             scheduler=ThreadScheduler(executor=self._executor))
         self._stream.add_done_callback(lambda _: self._wake())
         self._outage: str | None = None  # see ``outage``
+        self._gone = False  # the server answered that the subscription no longer exists
         self._verifying = False
         self._stopped = threading.Event()  # set by close: ends a verification under way
         self._channel: Any = None
@@ -70,7 +72,8 @@ class PubsubConsumer:
         that restarted has forgotten every subscription, and a request published before the
         worker has made its subscription again would be dropped. So once the channel is READY
         again the outage lasts until a GetSubscription answers (every ``VERIFY_EVERY_S``); when
-        the subscription is gone, until the stream fails and the worker makes a new consumer.
+        the subscription is gone, ``next_batch`` fails (``_gone``) and the worker makes a new
+        consumer, and the topic and subscription with it.
         """
         if self._stream.done() and not self.closed:
             return f"the streaming pull from {self.subscription} stopped"
@@ -97,7 +100,13 @@ class PubsubConsumer:
                     self._client.get_subscription(subscription=self.subscription, retry=None,
                                                   timeout=2 * VERIFY_EVERY_S)
                 except gexc.NotFound:
+                    # The stream would fail too, but only when the client library reopens it,
+                    # which it throttles to 5 times in 10 s: after an outage it used them up
+                    # and the worker waited up to 10 s more. Failing ``next_batch`` now makes
+                    # the worker reconnect (and create the subscription again) at once.
                     self._outage = f"Pub/Sub subscription {self.subscription} no longer exists"
+                    self._gone = True
+                    self._wake()
                     return
                 except (gexc.GoogleAPICallError, gexc.RetryError):
                     self._stopped.wait(VERIFY_EVERY_S)
@@ -124,7 +133,8 @@ class PubsubConsumer:
         """
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self._ready:
-            while not self._buffer and not self.closed and not self._stream.done():
+            while (not self._buffer and not self.closed and not self._stream.done()
+                   and not self._gone):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -141,6 +151,10 @@ class PubsubConsumer:
         return [self._convert(raw, now) for raw in taken]
 
     def _raise_if_broken(self) -> None:
+        if self._gone and not self.closed:
+            raise BrokerError(f"Pub/Sub subscription {self.subscription} no longer exists.",
+                              "It was deleted, or the emulator restarted; start the consumer "
+                              "again.")
         if self.closed or not self._stream.done():
             return
         exc = self._stream.exception()
@@ -210,7 +224,10 @@ class PubsubConsumer:
             self._channel.unsubscribe(self._connectivity)
         self._stream.cancel()
         try:
-            self._stream.result(timeout=settings.CLOSE_TIMEOUT_S)
+            # A subscription that is gone delivers nothing more, and a stream waiting out the
+            # client library's reopen throttle would hold this wait its whole length.
+            if not self._gone:
+                self._stream.result(timeout=settings.CLOSE_TIMEOUT_S)
         except Exception as exc:  # a broken stream: nothing left to stop
             log.debug("streaming pull on %s ended with %r", self.subscription, exc)
         self._executor.shutdown(wait=False)
@@ -232,3 +249,8 @@ class PubsubConsumer:
             log.warning("could not %s on close (%s)", "delete Pub/Sub subscription "
                         f"{self.subscription}; it expires unused after a day" if self.private
                         else f"give back {len(unsettled)} message(s)", exc)
+        if not self.private:  # its own channel; closed aside, since gRPC's close waits for
+            # the channel's event thread, which the client library may hold for seconds while
+            # it waits out its reopen throttle
+            threading.Thread(target=self._client.close, name="fmnist-pubsub-close",
+                             daemon=True).start()

@@ -8,6 +8,7 @@ from google.api_core import retry as gretry
 READER_TTL_S = 24 * 3600  # the shortest expiration Pub/Sub accepts
 CLOSE_TIMEOUT_S = 5.0
 GOOGLE_ENDPOINT = "pubsub.googleapis.com"  # Pub/Sub's own, when no emulator is set
+RECONNECT_MAX_MS = 1000  # the emulator's channel: the longest pause between connection attempts
 RETRYABLE = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.Aborted,
             gexc.InternalServerError, gexc.ResourceExhausted, gexc.Unknown)
 # Keyword names of PublisherClient.publish: an attribute with one of these names cannot be sent
