@@ -335,3 +335,38 @@ class OwnKafka:
 
     def running(self) -> bool:
         return self._script("status", timeout=30).returncode == 0
+
+
+# -- a private Pub/Sub emulator ---------------------------------------------------------------
+
+class OwnPubsub:
+    """A Pub/Sub emulator of our own (scripts/pubsub.sh on a free port, its state in ``state``)
+    that a scenario may stop and start; the shared one on 8085 is never touched. The emulator
+    keeps everything in memory: ``down`` forgets every topic, subscription and message."""
+
+    def __init__(self, state: Path) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.env = {**os.environ, "FMNIST_STATE": str(state), "PUBSUB_HOST_PORT": self.address,
+                    "PUBSUB_READY_S": "90"}
+
+    def _script(self, action: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(ROOT / "scripts" / "pubsub.sh"), action], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def _timed(self, action: str, failure: str) -> float:
+        """Run ``pubsub.sh action``; seconds it took, or RuntimeError("own emulator did not
+        ...")."""
+        started = time.monotonic()
+        done = self._script(action)
+        if done.returncode != 0:
+            raise RuntimeError(f"own emulator did not {failure}: {done.stdout}{done.stderr}")
+        return time.monotonic() - started
+
+    def up(self) -> float:
+        return self._timed("up", "start")
+
+    def down(self) -> float:
+        return self._timed("down", "stop")
+
+    def running(self) -> bool:
+        return self._script("status", timeout=30).returncode == 0

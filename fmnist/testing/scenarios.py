@@ -15,19 +15,33 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fmnist.brokers import Consumer, Message, connect
 from fmnist.brokers.kafka import KafkaBroker
+from fmnist.errors import BrokerError
 from fmnist.testing.poison import FIVE_MB, Poison, poison_cases
 from fmnist.testing.processes import FMNIST, ROOT, WorkerProcess
-from fmnist.testing.run import LABELS, MODEL, WORKER_START_S, OwnKafka, Report, Run, Stream
-from fmnist.testing.waiting import poll_until
+from fmnist.testing.run import (
+    LABELS,
+    MODEL,
+    WORKER_START_S,
+    OwnKafka,
+    OwnPubsub,
+    Report,
+    Run,
+    Stream,
+    free_port,
+)
+from fmnist.testing.waiting import http_get, poll_until
 
-__all__ = ["FIVE_MB", "LABELS", "MODEL", "WORKER_START_S", "OwnKafka", "Poison", "Report", "Run",
-           "crash", "kafka_late", "kafka_restart", "poison", "poison_case", "poison_cases",
-           "rebalance", "sigterm"]
+__all__ = ["FIVE_MB", "LABELS", "MODEL", "WORKER_START_S", "OwnKafka", "OwnPubsub", "Poison",
+           "Report", "Run", "crash", "kafka_late", "kafka_restart", "poison", "poison_case",
+           "poison_cases", "pubsub_restart", "rebalance", "sigterm"]
 
 # -- the scenarios ----------------------------------------------------------------------------
 
@@ -262,3 +276,223 @@ def rebalance(workdir: Path, per_s: float = 60, limit: int = 5000) -> Report:
                                f"lag 0 on all {len(lags[-1])} partitions",
                           by_worker=run.by_worker(), lag=lags[-1],
                           logs=[w.output() for w in run.workers])
+
+
+# -- the Pub/Sub emulator stopped and started under a worker ----------------------------------
+
+class _AckingReader:
+    """Reads a shared subscription, acknowledging what it hands out (each answer is read once),
+    and notes when the first message arrived."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.first_at: float | None = None
+
+    def next_batch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        batch = self.consumer.next_batch(max_messages, timeout_s)
+        if batch:
+            self.first_at = self.first_at or time.monotonic()
+            self.consumer.commit(batch)
+        return batch
+
+    def commit(self, messages: list[Message]) -> None:
+        """Nothing to do: acknowledged when handed out."""
+
+    def redeliver(self, messages: list[Message]) -> None:
+        self.consumer.redeliver(messages)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _EmulatorRun(Run):
+    """A run on an emulator of its own, noting when each request's (successful) publish began:
+    one begun once the worker says ready again must be answered."""
+
+    def __init__(self, emulator_host: str, workdir: Path) -> None:
+        super().__init__("pubsub", workdir)
+        self.broker.close()  # made for the shared emulator; it opened nothing
+        self.env["FMNIST_PUBSUB__EMULATOR_HOST"] = emulator_host
+        self.cfg = self.topics.config(sections={"pubsub": {"emulator_host": emulator_host}})
+        self.broker = connect("pubsub", self.cfg)
+        self.began: dict[str, float] = {}
+
+    def send(self, requests: list[tuple[str, bytes, dict[str, str], str | None]],
+             timeout_s: float = 30) -> None:
+        began = time.monotonic()
+        super().send(requests, timeout_s)
+        with self._lock:
+            self.began.update({rid: began for rid, *_ in requests})
+
+    def read_again(self) -> bool:
+        """After the emulator's restart the private readers' subscriptions are gone: read the
+        answers and dead letters from the topics' shared subscriptions, which the worker makes
+        again with the topics (they hold what was published since). False until it has."""
+        try:
+            readers = [_AckingReader(self.broker.retained_reader(topic))
+                       for topic in (self.topics.response, self.topics.dlq)]
+        except BrokerError:
+            return False
+        old, self._readers = self._readers, readers
+        self.responses, self.dead = readers
+        # Closed aside: closing a stream the emulator forgot can take its whole close timeout,
+        # and answers are read meanwhile.
+        threading.Thread(target=_close_quietly, args=old, daemon=True).start()
+        return True
+
+
+def _close_quietly(*readers: Consumer) -> None:
+    for reader in readers:
+        try:
+            reader.close()
+        except Exception:  # noqa: BLE001 - a reader of an emulator that forgot it
+            pass
+
+
+class _Probe:
+    """Samples a worker's /healthz, /readyz and /status every ``every_s`` in a thread:
+    (time.monotonic(), /healthz code, /readyz code, /readyz text), and (time.monotonic(),
+    answers confirmed)."""
+
+    def __init__(self, port: int, every_s: float = 0.2) -> None:
+        self.url, self.every_s = f"http://127.0.0.1:{port}", every_s
+        self.samples: list[tuple[float, int, int, str]] = []
+        self.processed: list[tuple[float, int]] = []  # /status: answers confirmed so far
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="probe", daemon=True)
+
+    def start(self) -> _Probe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            health = http_get(f"{self.url}/healthz", timeout=2)[0]
+            ready, text = http_get(f"{self.url}/readyz", timeout=2)
+            code, status = http_get(f"{self.url}/status", timeout=2)
+            if code == 200:
+                self.processed.append((time.monotonic(), json.loads(status)["processed"]))
+            self.samples.append((time.monotonic(), health, ready, text.strip()))
+            self._stop.wait(self.every_s)
+
+    def first(self, ready: int, after: float) -> float | None:
+        """When /readyz first answered ``ready`` after ``after`` (a time.monotonic())."""
+        return next((t for t, _, code, _ in list(self.samples) if t > after and code == ready),
+                    None)
+
+    def answering(self, after: float) -> float | None:
+        """When the worker had first confirmed more answers than it had at ``after``."""
+        processed = list(self.processed)
+        then = max((n for t, n in processed if t <= after), default=0)
+        return next((t for t, n in processed if t > after and n > then), None)
+
+
+def pubsub_restart(emulator: OwnPubsub, workdir: Path, per_s: float = 100, outage_s: float = 8,
+                   after_s: float = 10) -> Report:
+    """The emulator stops for ``outage_s`` and starts again while a worker serves a steady
+    stream of ``per_s`` requests a second, which keeps publishing (retrying what the emulator
+    did not confirm) until ``after_s`` after the worker is ready again.
+
+    The emulator keeps everything in memory: its restart forgets the topics, subscriptions and
+    every message not yet read, requests and answers alike. The report counts the requests
+    whose publish began once /readyz said 200 again: each must be answered. The facts count the
+    rest: sent before the stop (answered, or forgotten by the emulator), and confirmed after
+    the restart but begun before the worker was ready (answered, or dropped by an emulator that
+    had the request topic again but not yet its subscription)."""
+    if not emulator.running():
+        emulator.up()
+    run = _EmulatorRun(emulator.address, workdir)
+    with run:
+        run.open()
+        port = free_port()
+        worker = run.start_worker("--metrics-port", str(port),
+                                  FMNIST_SERVE__METRICS_HOST="127.0.0.1")
+        run.wait_answered(run.send_good("warm", 1), timeout=WORKER_START_S)
+        probe = _Probe(port).start()
+        try:
+            return _pubsub_outage(emulator, run, worker, probe, port, per_s, outage_s, after_s)
+        finally:
+            probe.stop()
+
+
+def _pump_until(run: Run, condition: Callable[[], object], timeout: float, what: str) -> None:
+    poll_until(lambda: run.pump() >= 0 and condition(), timeout, interval=0, message=what)
+
+
+def _pubsub_outage(emulator: OwnPubsub, run: _EmulatorRun, worker: WorkerProcess, probe: _Probe,
+                   port: int, per_s: float, outage_s: float, after_s: float) -> Report:
+    stream = Stream(run, "outage", 1_000_000, per_s).start()
+    _pump_until(run, lambda: len(run.answers) >= 3 * per_s, 120, f"{3 * per_s:g} answers")
+    # Every answer the worker had confirmed (its /status `processed`) reaches the client: it
+    # acknowledges a request only after that, so none it acknowledged goes unanswered.
+    confirmed = json.loads(http_get(f"http://127.0.0.1:{port}/status")[1])["processed"]
+    mark = time.monotonic()
+    _pump_until(run, lambda: time.monotonic() >= mark + 2, 10, "2 s of answers")
+    received = sum(len(a) for a in run.answers.values())
+
+    stopping = time.monotonic()
+    down_s = emulator.down()
+    stopped = time.monotonic()
+    while run.pump(timeout_s=0.1):  # what the reader's client had already taken in
+        pass
+    with run._lock:
+        before = set(run.expected)
+    answered_before = len(before) - len(run.unanswered(list(before)))
+    # A client that publishes now is told: `fmnist send` fails (exit 4), the stream retries.
+    send = subprocess.run(
+        [*FMNIST, "send", "bag8.png"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=run.topics.env({**run.env, "FMNIST_FEEDBACK__SENT_DIR": str(run.workdir / "sent")}))
+    poll_until(lambda: time.monotonic() >= stopped + outage_s, outage_s + 120, interval=0.1,
+               message="the outage to last")
+    with run._lock:
+        during = set(run.expected) - before
+    failed_publishes = stream.failed_publishes
+    starting = time.monotonic()
+    up_s = emulator.up()
+    up = time.monotonic()
+
+    _pump_until(run, run.read_again, 120, "the worker to create the response topic again")
+    _pump_until(run, lambda: probe.first(200, up) is not None, 120, "/readyz 200 again")
+    ready_at = probe.first(200, up) or up
+    _pump_until(run, lambda: time.monotonic() >= ready_at + after_s, after_s + 60,
+                f"{after_s:g} s of requests after the worker is ready")
+    stream.stop()
+    with run._lock:
+        after = {rid for rid, began in run.began.items() if began > ready_at}
+        between = set(run.expected) - before - during - after
+    run.wait_answered(list(after), timeout=120)
+    run.drain(quiet_s=2)
+    reader = run.responses
+    first_at = reader.first_at if isinstance(reader, _AckingReader) else None
+    with run._lock:
+        first_sent = min((run.began[rid] for rid in set(run.expected) - before), default=None)
+    unready_at = probe.first(503, stopping)
+    answering = probe.answering(up)
+    health = [code for t, code, _, _ in probe.samples if t >= stopping]
+    forgotten = len(run.unanswered(list(before)))
+    dropped = len(run.unanswered(list(between)))
+    return run.report(
+        "Pub/Sub emulator stopped and restarted", only=after, since=stopping,
+        note=f"{len(before)} sent before the stop, {forgotten} forgotten with the emulator; "
+             f"{stream.failed_publishes} publishes retried; first answer "
+             f"{(first_at or up) - up:.1f} s and /readyz 200 {ready_at - up:.1f} s after the "
+             f"emulator was back; {len(between)} sent before that, {dropped} dropped; "
+             "same worker process",
+        confirmed_before=confirmed, received_before=received, sent_before=len(before),
+        answered_before=answered_before, forgotten=forgotten, sent_during=len(during),
+        failed_publishes=failed_publishes, publishes_retried=stream.failed_publishes,
+        sent_between=len(between), dropped_between=dropped, send_rc=send.returncode,
+        send_err=send.stderr[-2000:], down_s=round(down_s, 1), up_s=round(up_s, 1),
+        outage_s=round(up - stopped, 1), start_s=round(up - starting, 1),
+        unready_after_stop_s=None if unready_at is None else round(unready_at - stopping, 1),
+        first_answer_s=None if first_at is None else round(first_at - up, 1),
+        first_sent_s=None if first_sent is None else round(first_sent - up, 1),
+        worker_answer_s=None if answering is None else round(answering - up, 1),
+        ready_s=round(ready_at - up, 1), healthz=sorted(set(health)),
+        readyz_texts=sorted({text for t, _, code, text in probe.samples
+                             if code == 503 and t >= stopping}),
+        running=worker.proc.poll() is None, by_worker=run.by_worker(), log=worker.output())
