@@ -38,6 +38,7 @@ from fmnist.serving import oip, protocol
 ROOT = Path(__file__).resolve().parents[2]
 CFG = config.load(env={}, flags={"serve.max_wait_ms": 0})
 RESPONSE_TOPIC, DLQ_TOPIC = CFG.broker.response_topic, CFG.broker.dlq_topic
+FEEDBACK_TOPIC = CFG.feedback.topic
 FUZZ = settings(max_examples=250, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -324,9 +325,11 @@ def check_batch(handler: handler_module.PredictionHandler, batch: list[Message])
     a wire code and a dead letter for each failure, nothing else, nothing raised."""
     result = handler.prepare(batch).finish()
     assert len(result.outcomes) == len(batch)
-    answers = [m for m in result.out if m.topic != DLQ_TOPIC]
+    answers = [m for m in result.out if m.topic not in (DLQ_TOPIC, FEEDBACK_TOPIC)]
     letters = [m for m in result.out if m.topic == DLQ_TOPIC]
+    records = [m for m in result.out if m.topic == FEEDBACK_TOPIC]
     assert len(answers) == len(batch)
+    assert len(records) == len(result.labelled)  # answered with a label 0-9: also a record
     failed = [code for code in result.outcomes if code != "ok"]
     assert len(letters) == len(failed)
     assert all(code in protocol.ERROR_CODES and code != "internal_error" for code in failed), (
@@ -435,14 +438,15 @@ def test_a_sent_at_out_of_range_is_invalid_headers_not_a_crash(sent_at: str) -> 
 
 def test_the_worker_answers_the_regressions_alongside_good_requests() -> None:
     """Each input that once escaped the handler, in one batch between good requests: every
-    one answered with its code and dead-lettered, the good ones answered ok."""
+    one answered with its code and dead-lettered, the good ones answered ok (the labelled one
+    also recorded on the feedback topic)."""
     from tests.fakes import BrightnessPredictor
 
     handler = handler_module.PredictionHandler(CFG, BrightnessPredictor(), "fuzz")
     good = SEEDS["png_grey"]
     batch = [message(good, {}), message(b"x", {protocol.SENT_AT: HUGE_SENT_AT}),
              *(message(body, {protocol.CONTENT_TYPE: "application/json"})
-               for body in OIP_REGRESSIONS), message(good, {})]
+               for body in OIP_REGRESSIONS), message(good, {protocol.LABEL: "7"})]
     batch = [message(m.value, m.headers, i) for i, m in enumerate(batch)]
     outcomes = check_batch(handler, batch)
     assert outcomes == ["ok", "invalid_headers", *["invalid_request"] * 4, "ok"]
