@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fmnist.brokers import Consumer, Message, connect
+from fmnist.brokers import Broker, Consumer, Message, connect
 from fmnist.brokers.kafka import KafkaBroker
 from fmnist.errors import BrokerError
 from fmnist.testing.poison import FIVE_MB, Poison, poison_cases
@@ -316,6 +316,12 @@ class _EmulatorRun(Run):
         self.cfg = self.topics.config(sections={"pubsub": {"emulator_host": emulator_host}})
         self.broker = connect("pubsub", self.cfg)
         self.began: dict[str, float] = {}
+        self._brokers: list[Broker] = []
+
+    def close(self) -> None:
+        super().close()
+        for broker in self._brokers:
+            broker.close()
 
     def send(self, requests: list[tuple[str, bytes, dict[str, str], str | None]],
              timeout_s: float = 30) -> None:
@@ -328,11 +334,16 @@ class _EmulatorRun(Run):
         """After the emulator's restart the private readers' subscriptions are gone: read the
         answers and dead letters from the topics' shared subscriptions, which the worker makes
         again with the topics (they hold what was published since). False until it has."""
+        # A client of its own: the old readers' streams sleep through the client library's
+        # reopen throttle inside their channel's event thread, holding up every stream on it.
+        broker = connect("pubsub", self.cfg)
         try:
-            readers = [_AckingReader(self.broker.retained_reader(topic))
+            readers = [_AckingReader(broker.retained_reader(topic))
                        for topic in (self.topics.response, self.topics.dlq)]
         except BrokerError:
+            broker.close()
             return False
+        self._brokers.append(broker)
         old, self._readers = self._readers, readers
         self.responses, self.dead = readers
         # Closed aside: closing a stream the emulator forgot can take its whole close timeout,

@@ -42,7 +42,7 @@ def test_emulator_stopped_and_restarted_under_load(own_pubsub: OwnPubsub,
     facts = report.facts
     print(f"\n{report.note}\n" + ", ".join(
         f"{k}={facts[k]}" for k in ("outage_s", "down_s", "up_s", "unready_after_stop_s",
-                                    "first_answer_s", "ready_s", "sent_before",
+                                    "first_answer_s", "worker_answer_s", "ready_s", "sent_before",
                                     "answered_before", "forgotten", "publishes_retried",
                                     "sent_between", "dropped_between"))
           + f", after ready: sent={report.sent} answered={report.answered} lost={report.lost}")
