@@ -58,7 +58,7 @@ def run_target(strategy: Any, check: Callable[[Any], Any], seconds: float,
         result = check(value)
         outcomes.update(result if isinstance(result, list) else [result])
 
-    test = settings(fuzz.FUZZ, max_examples=CHUNK)(given(strategy)(counted))
+    test = settings(fuzz.FUZZ, max_examples=CHUNK, derandomize=False)(given(strategy)(counted))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         test()

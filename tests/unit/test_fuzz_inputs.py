@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CFG = config.load(env={}, flags={"serve.max_wait_ms": 0})
 RESPONSE_TOPIC, DLQ_TOPIC = CFG.broker.response_topic, CFG.broker.dlq_topic
 FEEDBACK_TOPIC = CFG.feedback.topic
-FUZZ = settings(max_examples=250, deadline=None, database=None,
+FUZZ = settings(max_examples=250, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 RSS_GROWTH_LIMIT = 256 * 2**20  # bytes of peak RSS a fuzz run may add (the image limits bound it)
