@@ -66,14 +66,6 @@ class PubsubBroker:
         """The one SubscriberClient (subscription admin, streaming pulls, acks)."""
         return self._client("_subscriber", pubsub_v1.SubscriberClient, SubscriberGrpcTransport)
 
-    def own_subscriber(self) -> Any:
-        """A SubscriberClient on a gRPC channel of its own, for a worker's consumer (closed with
-        it). The client library reopens a failed streaming pull inside the channel's one event
-        thread, and while it waits out its reopen throttle (5 in 10 s) no stream on that channel
-        receives anything: after an emulator restart, a reader whose subscription was gone held
-        up the worker's new consumer on the shared channel for 7-8 s."""
-        return self._make(pubsub_v1.SubscriberClient, SubscriberGrpcTransport)
-
     def _client(self, attr: str, client_class: Callable[..., Any], transport_class: Any,
                 **kwargs: Any) -> Any:
         with self._lock:

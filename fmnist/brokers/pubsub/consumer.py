@@ -39,12 +39,7 @@ class PubsubConsumer:
         self._ready = threading.Condition()
         self._buffer: deque[Any] = deque()  # vendor messages, oldest first
         self._handed_out: dict[str, Any] = {}  # ack_id -> vendor message, not yet settled
-        # A request worker's consumer has a channel of its own (``PubsubBroker.own_subscriber``).
-        # Only that one: other group readers on channels of their own (the jobs' history) made
-        # test_jobs run a job twice, not yet understood.
-        self._owns_client = subscription == broker.subscription_path(
-            broker.cfg.pubsub.request_subscription)
-        self._client = broker.own_subscriber() if self._owns_client else broker.subscriber()
+        self._client = broker.subscriber()
         self._executor = futures.ThreadPoolExecutor(max_workers=2,
                                                     thread_name_prefix="fmnist-pubsub")
         self._stream = self._client.subscribe(
@@ -253,8 +248,3 @@ class PubsubConsumer:
             log.warning("could not %s on close (%s)", "delete Pub/Sub subscription "
                         f"{self.subscription}; it expires unused after a day" if self.private
                         else f"give back {len(unsettled)} message(s)", exc)
-        if self._owns_client:  # its own channel; closed aside, since gRPC's close waits for
-            # the channel's event thread, which the client library may hold for seconds while
-            # it waits out its reopen throttle
-            threading.Thread(target=self._client.close, name="fmnist-pubsub-close",
-                             daemon=True).start()
