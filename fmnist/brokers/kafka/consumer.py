@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from fmnist.brokers.base import Message
 from fmnist.brokers.kafka import errors, settings
-from fmnist.errors import ConfigError, FmnistError
+from fmnist.errors import FmnistError
 
 if TYPE_CHECKING:
     from fmnist.brokers.kafka.broker import KafkaBroker
@@ -51,6 +51,7 @@ class KafkaTopicConsumer:
     _revoked_at: float | None = None  # when a rebalance under way revoked some (``commit``)
     _assigns_to_settle = 0  # assignments until that rebalance ends (``_revoked``)
     _logged: frozenset[int] | None = None  # the assignment the last log line named
+    _fenced = False  # another member took our instance id (``_fatal``)
 
     def __init__(self, broker: KafkaBroker, topic: str, group: str | None, from_beginning: bool,
                  partitions: list[int], max_records: int, max_hold_s: float | None = None
@@ -253,11 +254,8 @@ class KafkaTopicConsumer:
         take the partitions from each other forever, so the worker stops (exit code 2)."""
         if not self._instance_id:
             return self.broker.error(what, KafkaException(err))
-        return ConfigError(
-            f"Another consumer joined group {self.group} with this worker's kafka.instance_id "
-            f"{self._instance_id!r}, so Kafka fenced this one out ({err.str()}).",
-            "Give every worker its own id (FMNIST_KAFKA__INSTANCE_ID; on Kubernetes its pod's "
-            "name: docs/kubernetes.md#static-membership), or leave it empty.")
+        self._fenced = True  # so ``close`` does not try to leave in the other's name
+        return errors.fenced(self.group, self._instance_id, err)
 
     @contextmanager
     def _translated(self, what: str) -> Iterator[None]:
@@ -401,7 +399,7 @@ class KafkaTopicConsumer:
             try:
                 if self._held_back:  # held back by a rebalance that has not ended (``commit``)
                     self._commit_held_back(quietly=True)
-                if self._instance_id:
+                if self._instance_id and not self._fenced:
                     self._leave()
                 self._consumer.close()
             except (KafkaException, RuntimeError) as exc:

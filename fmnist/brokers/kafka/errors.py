@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from confluent_kafka import KafkaError, KafkaException
 
-from fmnist.errors import BrokerError, BrokerTimeout, FmnistError
+from fmnist.errors import BrokerError, BrokerTimeout, ConfigError, FmnistError
 
 log = logging.getLogger("fmnist.brokers.kafka")
 
@@ -84,6 +84,15 @@ def translated(address: str, what: str) -> Iterator[None]:
         raise
     except KafkaException as exc:
         raise translate(address, what, exc) from None
+
+
+def fenced(group: str | None, instance_id: str, err: KafkaError) -> ConfigError:
+    """A static member that another consumer with its ``group.instance.id`` fenced out."""
+    return ConfigError(
+        f"Another consumer joined group {group} with this worker's kafka.instance_id "
+        f"{instance_id!r}, so Kafka fenced this one out ({err.str()}).",
+        "Give every worker its own id (FMNIST_KAFKA__INSTANCE_ID; on Kubernetes its pod's "
+        "name: docs/kubernetes.md#static-membership), or leave it empty.")
 
 
 def client_error(err: KafkaError) -> None:
