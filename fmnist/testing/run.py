@@ -297,13 +297,45 @@ class Stream:
             self._stop.wait(max(0.0, started + self.sent / self.per_s - time.monotonic()))
 
 
-# -- a private Kafka --------------------------------------------------------------------------
+# -- a private broker --------------------------------------------------------------------------
 
-class OwnKafka:
-    """A single-node Kafka of our own (scripts/kafka.sh on free ports, its state in ``state``)
-    that a scenario may stop and start; the shared one on 9092 is never touched. ``host`` is
-    the address it listens on and names to clients (this machine's own address, for clients in
-    containers)."""
+class OwnService:
+    """A broker of our own, run by ``scripts/<script>`` with the environment ``env`` (free ports,
+    its state in a folder of its own) that a scenario may stop and start; the shared brokers
+    are never touched."""
+
+    script = ""
+    title = ""  # for errors: "own <title> did not start"
+    env: dict[str, str]
+
+    def _script(self, action: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(ROOT / "scripts" / self.script), action], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def _timed(self, action: str, failure: str) -> float:
+        """Run the script's ``action``; seconds it took, or RuntimeError("own ... did not ...")."""
+        started = time.monotonic()
+        done = self._script(action)
+        if done.returncode != 0:
+            raise RuntimeError(f"own {self.title} did not {failure}: {done.stdout}{done.stderr}")
+        return time.monotonic() - started
+
+    def up(self) -> float:
+        return self._timed("up", "start")
+
+    def down(self) -> float:
+        return self._timed("down", "stop")
+
+    def running(self) -> bool:
+        return self._script("status", timeout=30).returncode == 0
+
+
+class OwnKafka(OwnService):
+    """A single-node Kafka of our own (scripts/kafka.sh); the shared one on 9092 is never
+    touched. ``host`` is the address it listens on and names to clients (this machine's own
+    address, for clients in containers)."""
+
+    script, title = "kafka.sh", "Kafka"
 
     def __init__(self, state: Path, host: str = "127.0.0.1") -> None:
         self.port = free_port()
@@ -315,58 +347,15 @@ class OwnKafka:
                     "KAFKA_CONTROLLER_PORT": str(self.controller_port), "FMNIST_STATE": str(state),
                     "KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m", "KAFKA_READY_S": "90"}
 
-    def _script(self, action: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(ROOT / "scripts" / "kafka.sh"), action], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
 
-    def _timed(self, action: str, failure: str) -> float:
-        """Run ``kafka.sh action``; seconds it took, or RuntimeError("own Kafka did not ...")."""
-        started = time.monotonic()
-        done = self._script(action)
-        if done.returncode != 0:
-            raise RuntimeError(f"own Kafka did not {failure}: {done.stdout}{done.stderr}")
-        return time.monotonic() - started
+class OwnPubsub(OwnService):
+    """A Pub/Sub emulator of our own (scripts/pubsub.sh); the shared one on 8085 is never
+    touched. The emulator keeps everything in memory: ``down`` forgets every topic,
+    subscription and message."""
 
-    def up(self) -> float:
-        return self._timed("up", "start")
-
-    def down(self) -> float:
-        return self._timed("down", "stop")
-
-    def running(self) -> bool:
-        return self._script("status", timeout=30).returncode == 0
-
-
-# -- a private Pub/Sub emulator ---------------------------------------------------------------
-
-class OwnPubsub:
-    """A Pub/Sub emulator of our own (scripts/pubsub.sh on a free port, its state in ``state``)
-    that a scenario may stop and start; the shared one on 8085 is never touched. The emulator
-    keeps everything in memory: ``down`` forgets every topic, subscription and message."""
+    script, title = "pubsub.sh", "emulator"
 
     def __init__(self, state: Path) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.env = {**os.environ, "FMNIST_STATE": str(state), "PUBSUB_HOST_PORT": self.address,
                     "PUBSUB_READY_S": "90"}
-
-    def _script(self, action: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(ROOT / "scripts" / "pubsub.sh"), action], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def _timed(self, action: str, failure: str) -> float:
-        """Run ``pubsub.sh action``; seconds it took, or RuntimeError("own emulator did not
-        ...")."""
-        started = time.monotonic()
-        done = self._script(action)
-        if done.returncode != 0:
-            raise RuntimeError(f"own emulator did not {failure}: {done.stdout}{done.stderr}")
-        return time.monotonic() - started
-
-    def up(self) -> float:
-        return self._timed("up", "start")
-
-    def down(self) -> float:
-        return self._timed("down", "stop")
-
-    def running(self) -> bool:
-        return self._script("status", timeout=30).returncode == 0
