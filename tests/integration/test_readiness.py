@@ -9,9 +9,7 @@ The figures (seconds to 503 after the stop, to 200 after the start) are printed;
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,8 +20,8 @@ import pytest
 from fmnist.brokers import OutMessage, connect
 from fmnist.client import decode_response
 from fmnist.serving import protocol
-from fmnist.testing.processes import ROOT, WorkerProcess
-from fmnist.testing.run import IMAGES, LABELS, WORKER_START_S, OwnKafka, free_port
+from fmnist.testing.processes import WorkerProcess
+from fmnist.testing.run import IMAGES, LABELS, WORKER_START_S, OwnKafka, OwnPubsub, free_port
 from fmnist.testing.topics import Topics
 from fmnist.testing.waiting import http_get, poll_until
 
@@ -31,26 +29,6 @@ pytestmark = pytest.mark.slow
 OUTAGE_S = 10  # how long the broker stays away
 UNREADY_WITHIN_S = 15  # bound on noticing it
 READY_WITHIN_S = 90  # bound on being ready again after the broker's start returned
-
-
-class OwnEmulator:
-    """A Pub/Sub emulator of our own (scripts/pubsub.sh on a free port, its state in
-    ``state``); the shared one on 8085 is never touched."""
-
-    def __init__(self, state: Path) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        self.env = {**os.environ, "FMNIST_STATE": str(state), "PUBSUB_HOST_PORT": self.address}
-
-    def _script(self, action: str) -> None:
-        done = subprocess.run([str(ROOT / "scripts" / "pubsub.sh"), action], env=self.env,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"own emulator {action}: {done.stdout}{done.stderr}"
-
-    def up(self) -> None:
-        self._script("up")
-
-    def down(self) -> None:
-        self._script("down")
 
 
 class Watched:
@@ -172,8 +150,8 @@ def own_kafka(tmp_path: Path) -> Iterator[OwnKafka]:
 
 
 @pytest.fixture
-def own_emulator(tmp_path: Path) -> Iterator[OwnEmulator]:
-    emulator = OwnEmulator(tmp_path / "own-pubsub")
+def own_emulator(tmp_path: Path) -> Iterator[OwnPubsub]:
+    emulator = OwnPubsub(tmp_path / "own-pubsub")
     emulator.up()
     yield emulator
     emulator.down()
@@ -192,7 +170,7 @@ def test_kafka_stopped_under_a_worker_turns_it_unready_then_ready(own_kafka: Own
 
 @pytest.mark.pubsub
 def test_pubsub_emulator_stopped_under_a_worker_turns_it_unready_then_ready(
-        own_emulator: OwnEmulator, tmp_path: Path) -> None:
+        own_emulator: OwnPubsub, tmp_path: Path) -> None:
     worker = Watched("pubsub", tmp_path, {"pubsub": {"emulator_host": own_emulator.address}},
                      {"FMNIST_PUBSUB__EMULATOR_HOST": own_emulator.address})
     try:
