@@ -110,6 +110,9 @@ class BrokerConfig:
     request_topic: str = "req_predict"
     response_topic: str = "res_predict"
     dlq_topic: str = "req_predict.dlq"
+    # what a restarted worker reports of the requests in flight when its process died, for
+    # every worker to read (fmnist/serving/crashes.py, docs/reliability.md#crash-loops)
+    crash_topic: str = "req_predict.crashes"
     create_topics: bool = True
     connect_timeout_s: float = 10.0
 
@@ -163,6 +166,10 @@ class ServeConfig:
     threads: int = 0
     backend: str = "auto"
     compile_cache: str = "~/.cache/fmnist/jax"
+    # crash loops (docs/reliability.md#crash-loops): the requests in the handler, journalled
+    # here per process; one in flight alone when this many worker processes died is refused
+    journal_dir: str = "~/.cache/fmnist/inflight"
+    max_crashes: int = 2
 
 
 @dataclass(frozen=True)
