@@ -36,6 +36,9 @@ from fmnist.errors import ConfigError
 
 ENV_PREFIX = "FMNIST_"
 SECRET_WORDS = ("password", "secret", "token", "credential")
+# A secret key X may instead be read from a file named by the key X_file (a mounted Kubernetes
+# or Docker secret): ``kafka.sasl_password_file`` / FMNIST_KAFKA__SASL_PASSWORD_FILE.
+FILE_SUFFIX = "_file"
 # Google's variables, in the order its clients read them, and the fmnist key each stands for.
 GOOGLE_ENV = (("PUBSUB_EMULATOR_HOST", "pubsub.emulator_host"),
               ("GOOGLE_CLOUD_PROJECT", "pubsub.project_id"),
@@ -43,8 +46,10 @@ GOOGLE_ENV = (("PUBSUB_EMULATOR_HOST", "pubsub.emulator_host"),
 
 
 def is_secret(name: str) -> bool:
-    """Whether a key or a librdkafka property holds a secret (its value is never printed)."""
-    return any(word in name.lower() for word in SECRET_WORDS)
+    """Whether a key or a librdkafka property holds a secret (its value is never printed). A
+    ``<secret>_file`` key holds the path of the file the secret is read from: not a secret."""
+    name = name.lower()
+    return not name.endswith(FILE_SUFFIX) and any(word in name for word in SECRET_WORDS)
 
 
 def project_root() -> Path:
@@ -128,6 +133,8 @@ class KafkaConfig:
     sasl_mechanism: str = ""
     sasl_username: str = ""
     sasl_password: str = ""
+    # the password's file (one line; a trailing newline is dropped), instead of sasl_password
+    sasl_password_file: Path | None = None
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
@@ -230,6 +237,7 @@ def routing(broker: str, request: str, response: str, dlq: str, group: str) -> d
     value: Kafka's consumer group, and Pub/Sub subscriptions named after their topics."""
     return {"serve.broker": broker, "broker.request_topic": request,
             "broker.response_topic": response, "broker.dlq_topic": dlq, "kafka.group_id": group,
+            "broker.crash_topic": f"{request}.crashes",
             "pubsub.request_subscription": f"{request}-sub",
             "pubsub.response_subscription": f"{response}-sub",
             "pubsub.dlq_subscription": f"{dlq}-sub"}
@@ -441,9 +449,50 @@ def load(config_file: str | Path | None = None,
         section, _, key = dotted.partition(".")
         _apply(layers, {section: {key: value}}, f"command-line option for {dotted}", cwd,
                origins=origins)
+    _read_secret_files(layers, origins)
     cfg = Config(**{name: SECTIONS[name](**values) for name, values in layers.items()})
     _validate(cfg, origins)
     return cfg
+
+
+def secret_file_keys(section: str) -> dict[str, str]:
+    """The ``<secret>_file`` keys of a section, each with the secret key it fills."""
+    fields = _section_types(section)
+    return {key: key[:-len(FILE_SUFFIX)] for key in fields
+            if key.endswith(FILE_SUFFIX) and key[:-len(FILE_SUFFIX)] in fields
+            and is_secret(key[:-len(FILE_SUFFIX)])}
+
+
+def _read_secret_files(layers: dict[str, dict[str, Any]], origins: Mapping[str, str]) -> None:
+    """Fill each secret whose ``_file`` key is set from that file: its text, without the
+    trailing newline an editor or ``echo`` leaves. Setting both the secret and its file is
+    ambiguous, and an unreadable or empty file would only fail later as a refused login: each
+    is a ConfigError naming the key, where it was set, and the path. The error never shows
+    the file's content."""
+    for section, values in layers.items():
+        for file_key, key in secret_file_keys(section).items():
+            path = values.get(file_key)
+            if path is None:
+                continue
+            dotted, where = f"{section}.{file_key}", origins.get(f"{section}.{file_key}", "")
+            if values.get(key):
+                raise ConfigError(f"Both {section}.{key} (from {origins.get(f'{section}.{key}')})"
+                                  f" and {dotted} (from {where}) are set.",
+                                  f"Keep one: the file ({env_name(dotted)}) keeps the secret "
+                                  "out of config files and environment listings.")
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or type(exc).__name__
+                raise ConfigError(f"{dotted} (from {where}): cannot read {path}: {why}.",
+                                  f"Point {dotted} / {env_name(dotted)} at a readable file "
+                                  "that holds only the secret.") from None
+            secret = text.removesuffix("\n").removesuffix("\r")
+            if not secret:
+                raise ConfigError(f"{dotted} (from {where}): {path} is empty.",
+                                  f"Write the secret into it, or point {dotted} / "
+                                  f"{env_name(dotted)} at the file that holds it.")
+            values[key] = secret
 
 
 def with_overrides(cfg: Config, data: Mapping[str, Any], where: str) -> Config:
