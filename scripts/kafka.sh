@@ -14,6 +14,16 @@
 # and offsets live in the state dir and survive `down`/`up`; delete $FMNIST_STATE/kafka for a
 # clean slate.
 #
+# KAFKA_SECURITY=sasl_ssl starts an authenticated, authorised broker instead (docs/brokers.md,
+# "Authenticated Kafka"), with its own state folder ($FMNIST_STATE/kafka-sasl_ssl), so it never
+# shares data with the plain one: its one client listener speaks SASL_SSL (SCRAM-SHA-512, TLS
+# with certificates from scripts/certs); the controller listener serves only the controller
+# (SASL_SSL, PLAIN, user admin); Kafka's StandardAuthorizer admits the super user `admin` and,
+# through ACLs, the principals `fmnist-worker` and `fmnist-client`, nobody else. The passwords
+# are generated on the first `up` into $state/secrets/<user>.password (mode 0600); after every
+# `up`, admin creates the topics of the effective fmnist config and grants the ACLs
+# (python -m fmnist.brokers.kafka.acls). Clients trust $state/certs/ca.pem.
+#
 # KAFKA_VERSION picks another release: 4.x through the same pom; 3.9.x, for clients that Kafka 4
 # no longer answers (docs/brokers.md#legacy-clients), through scripts/kafka/pom-3.xml, whose
 # broker logs with log4j 1 (reload4j) instead of log4j2.
@@ -25,6 +35,7 @@
 #   FMNIST_STATE      state dir (default <repo>/.state); uses $FMNIST_STATE/kafka, or
 #                     $FMNIST_STATE/kafka-<version> for a KAFKA_VERSION other than the pom's, so
 #                     that releases never share data (`down` needs the same KAFKA_VERSION)
+#   KAFKA_SECURITY    plaintext (default) or sasl_ssl (see above)
 #   KAFKA_HOST        the address both listeners bind and clients are told (default 127.0.0.1;
 #                     this machine's own address lets containers on a bridge network reach it)
 #   KAFKA_PORT        client listener on $KAFKA_HOST (default 9092)
@@ -55,6 +66,15 @@ cache="${FMNIST_CACHE:-$HOME/.cache/fmnist}/kafka-$version"
 libs="$cache/libs"
 state="${FMNIST_STATE:-$repo/.state}/kafka"
 [[ "$version" == "$default_version" ]] || state+="-$version"
+security="${KAFKA_SECURITY:-plaintext}"
+case "$security" in
+  plaintext) ;;
+  sasl_ssl) state+="-sasl_ssl"; title+=" (SASL_SSL)" ;;
+  *) die "KAFKA_SECURITY=$security: plaintext or sasl_ssl." 2 ;;
+esac
+secrets="$state/secrets"
+certs="$state/certs"
+users=(admin fmnist-worker fmnist-client)
 pid_file="$state/kafka.pid"
 proc_match='kafka\.Kafka'
 service_out="$state/kafka.out"   # the JVM's own stdout/stderr (crashes, bad flags)
@@ -88,6 +108,53 @@ fetch_jars() {
   echo "$want" >"$libs/.complete"
 }
 
+# The passwords (once, 0600), the certificates (once) and the secure listeners' settings.
+write_secure_config() {
+  local user admin_password
+  if [[ -f "$state/data/meta.properties" && ! -s "$secrets/admin.password" ]]; then
+    die "$state/data was formatted without the passwords in $secrets; delete $state to start over."
+  fi
+  mkdir -p "$secrets"
+  chmod 700 "$secrets"
+  for user in "${users[@]}"; do
+    [[ -s "$secrets/$user.password" ]] && continue
+    (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secrets/$user.password")
+  done
+  "$repo/scripts/certs" "$certs" "$host" >/dev/null
+  admin_password="$(cat "$secrets/admin.password")"
+  cat >>"$props" <<EOF
+# One client listener, SASL_SSL with SCRAM-SHA-512; the controller listener serves only the
+# controller (PLAIN, the user admin, over TLS too). No listener admits an unauthenticated client.
+listeners=SASL_SSL://$host:$port,CONTROLLER://$host:$controller_port
+advertised.listeners=SASL_SSL://$host:$port
+inter.broker.listener.name=SASL_SSL
+listener.security.protocol.map=CONTROLLER:SASL_SSL,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$admin_password";
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="$admin_password" user_admin="$admin_password";
+ssl.keystore.type=PEM
+ssl.keystore.location=$certs/broker.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$certs/ca.pem
+ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:admin
+allow.everyone.if.no.acl.found=false
+EOF
+}
+
+# Run the rest of the arguments as an fmnist process that is USER ($2) on the secure broker at
+# $1, its password read from its file.
+user_env() {
+  env FMNIST_KAFKA__BOOTSTRAP_SERVERS="$1" FMNIST_KAFKA__SECURITY_PROTOCOL=SASL_SSL \
+    FMNIST_KAFKA__SASL_MECHANISM=SCRAM-SHA-512 FMNIST_KAFKA__SASL_USERNAME="$2" \
+    FMNIST_KAFKA__SASL_PASSWORD_FILE="$secrets/$2.password" \
+    FMNIST_KAFKA__SSL_CAFILE="$certs/ca.pem" "${@:3}"
+}
+
 installed() {
   if [[ ! -f "$libs/.complete" ]]; then
     command -v mvn >/dev/null || die "Maven (mvn) is needed once to fetch the Kafka $version jars." 2
@@ -97,16 +164,25 @@ installed() {
 
 write_config() {
   mkdir -p "$state/data" "$state/logs"
+  (umask 077 && : >"$props")  # it holds admin's password in sasl_ssl mode
   cat >"$props" <<EOF
 # Written by scripts/kafka.sh; rewritten on every \`up\`.
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$host:$controller_port
+controller.listener.names=CONTROLLER
+EOF
+  if [[ "$security" == sasl_ssl ]]; then
+    write_secure_config
+  else
+    cat >>"$props" <<EOF
 listeners=PLAINTEXT://$host:$port,CONTROLLER://$host:$controller_port
 advertised.listeners=PLAINTEXT://$host:$port
-controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+EOF
+  fi
+  cat >>"$props" <<EOF
 log.dirs=$state/data
 num.partitions=4
 # our code creates its topics itself; a typo in a topic name should fail, not create a topic
@@ -178,8 +254,14 @@ format_once() {
   while [[ "$cluster_id" == -* ]]; do
     cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
   done
+  local scram=() user
+  if [[ "$security" == sasl_ssl ]]; then  # SCRAM users exist from the first start
+    for user in "${users[@]}"; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$user,password=$(cat "$secrets/$user.password")]")
+    done
+  fi
   "${jvm[@]}" kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
-    --config "$props" >"$state/format.out" 2>&1 \
+    --config "$props" "${scram[@]}" >"$state/format.out" 2>&1 \
     || { cat "$state/format.out" >&2; die "formatting $state/data failed."; }
 }
 
@@ -194,7 +276,14 @@ listen_addrs() {
 # The broker answers a metadata request (it is up, unfenced and serving clients).
 answers() {
   port_busy "$1" || return 1
-  if [[ -x "$python" ]] && "$python" -c 'import confluent_kafka' 2>/dev/null; then
+  if [[ "$security" == sasl_ssl ]]; then  # as admin, through fmnist's own client settings
+    [[ -x "$python" ]] || die "the sasl_ssl broker needs the project's venv ($python)." 2
+    user_env "$1" admin "$python" - >/dev/null 2>&1 <<'EOF'
+from fmnist import config
+from fmnist.brokers.kafka import KafkaBroker
+KafkaBroker(config.load()).check(timeout_s=2)
+EOF
+  elif [[ -x "$python" ]] && "$python" -c 'import confluent_kafka' 2>/dev/null; then
     "$python" - "$1" >/dev/null 2>&1 <<'EOF'
 import sys
 from confluent_kafka.admin import AdminClient
@@ -222,6 +311,16 @@ prepare() {
   log_mark=$(( $(cat "$log_file" 2>/dev/null | wc -l) + 1 ))  # this run's lines start here
   service_cmd=("${jvm[@]}" kafka.Kafka "$props")
   service_dir="$state"
+}
+
+# After `up` in sasl_ssl mode: admin creates the topics of the effective fmnist config and grants
+# the ACLs of fmnist-worker and fmnist-client on them (idempotent).
+after_up() {
+  [[ "$security" == sasl_ssl ]] || return 0
+  user_env "$(running_addr)" admin "$python" -m fmnist.brokers.kafka.acls \
+    --worker fmnist-worker --client fmnist-client \
+    || die "granting the ACLs failed (the broker is up: \`scripts/kafka.sh down\` stops it)."
+  up_note=" with ACLs; passwords in $secrets, CA $certs/ca.pem"
 }
 
 main "$@"

@@ -27,6 +27,7 @@
 #   running_addr   host:port of the running service (or of the one `up` would start)
 #   listen_addrs   every host:port `up` will listen on, one a line
 #   show_logs      the last lines of its logs, for a failed start (to stdout)
+#   after_up       (optional) what `up` does once the service answers, before its "up" line
 #   installed      prints what `up` would run (the jar, the jars' folder); fails, saying how to
 #                  install what is missing, when something is
 
@@ -101,6 +102,7 @@ cmd_up() {
   started="$EPOCHREALTIME"
   prepare
   launch "$service_out" || return 1
+  if declare -F after_up >/dev/null; then after_up; fi
   printf '%s up on %s (pid %s) in %ss%s; log: %s\n' \
     "$title" "$(running_addr)" "$pid" "$(since "$started")" "$up_note" "$log_file"
 }
