@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -22,6 +23,9 @@ from fmnist.errors import BrokerError, BrokerTimeout
 
 log = logging.getLogger("fmnist.brokers.kafka")
 PRODUCER_WARM_UP_S = 2.0  # at most this long asking a new producer for metadata
+# ``check`` asks for metadata in slices this long, and between them looks at what librdkafka
+# reported: a refused login fails at once instead of at the end of the connect timeout.
+CHECK_SLICE_S = 0.25
 
 
 class KafkaBroker:
@@ -31,6 +35,11 @@ class KafkaBroker:
         settings.check(cfg.kafka)
         self.cfg = cfg
         self.address = cfg.kafka.bootstrap_servers
+        if (missing := errors.credentials_missing(self.address, cfg.kafka)) is not None:
+            raise missing
+        self.principal = cfg.kafka.sasl_username
+        # what librdkafka reported of the login (``_client_error``), for ``check``
+        self.login_error: BrokerError | None = None
         self.timeout_ms = max(1000, int(cfg.broker.connect_timeout_s * 1000))
         self._lock = threading.Lock()
         self._admin: Any = None
@@ -41,16 +50,39 @@ class KafkaBroker:
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka settings shared by admin, producer and consumers (from ``kafka.*``)."""
-        return settings.client_config(self.cfg, self.timeout_ms, errors.client_error)
+        return settings.client_config(self.cfg, self.timeout_ms, self._client_error)
 
-    def error(self, what: str, exc: BaseException) -> BrokerError:
-        return errors.translate(self.address, what, exc)
+    def _client_error(self, err: KafkaError) -> None:
+        errors.client_error(err)
+        if err.code() in errors.LOGIN_FAILED:
+            self.login_error = errors.login_failed(self.address, self.cfg.kafka, err)
+
+    def _hangs_up(self, deadline: float) -> bool:
+        """Whether the first bootstrap server refuses Kafka's first request (ApiVersions v0) in
+        plaintext: a TLS listener answers with a TLS alert or hangs up, and librdkafka reports
+        nothing but a transport failure at the end of its timeout."""
+        host, _, port = self.client_config()["bootstrap.servers"].split(",")[0].rpartition(":")
+        header = struct.pack(">hhih", 18, 0, 1, 6) + b"fmnist"
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)),
+                                          timeout=max(0.1, min(1.0, deadline - time.monotonic()))
+                                          ) as conn:
+                conn.sendall(struct.pack(">i", len(header)) + header)
+                reply = conn.recv(4)  # a TLS listener answers with an alert record
+                return len(reply) < 4 or reply[:2] in (b"\x15\x03", b"\x16\x03")
+        except (OSError, ValueError):
+            return False
+
+    def error(self, what: str, exc: BaseException,
+              needs: errors.Needs | None = None) -> BrokerError:
+        return errors.translate(self.address, what, exc, self.principal, needs)
 
     def unreachable(self, detail: str) -> BrokerError:
         return errors.unreachable(self.address, detail)
 
-    def translated(self, what: str) -> AbstractContextManager[None]:
-        return errors.translated(self.address, what)
+    def translated(self, what: str, needs: errors.Needs | None = None
+                   ) -> AbstractContextManager[None]:
+        return errors.translated(self.address, what, self.principal, needs)
 
     def admin(self) -> Any:
         """The one AdminClient (topics, metadata, offsets), created on first use."""
@@ -102,6 +134,17 @@ class KafkaBroker:
     def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``; BrokerError when it does not exist."""
         found = self.metadata().topics.get(topic)
+        if found is None and self.cfg.kafka.sasl_mechanism:
+            # A listing of every topic leaves out those this user may not Describe; asked by
+            # name, the broker says so (it creates nothing: auto-creation is the broker's
+            # choice, and our clients never ask for it)
+            with self.translated(f"describe topic {topic}", {"Topic": ("Describe", topic)}):
+                found = self.admin().list_topics(topic, timeout=self.timeout_ms / 1000
+                                                 ).topics.get(topic)
+            if found is not None and found.error is not None \
+                    and found.error.code() in errors.UNAUTHORIZED:
+                raise self.error(f"use topic {topic}", KafkaException(found.error),
+                                 {"Topic": ("Describe", topic)})
         if found is None or found.error is not None or not found.partitions:
             raise BrokerError(f"Kafka topic {topic} does not exist at {self.address}.",
                               "Create it first (`broker.create_topics: true` does that on start).")
@@ -113,7 +156,8 @@ class KafkaBroker:
         no commit). Asked of the broker, so it covers every member of the group."""
         tps = [TopicPartition(topic, p) for p in self.partitions(topic)]
         admin, timeout_s = self.admin(), self.timeout_ms / 1000
-        with self.translated(f"read the offsets of group {group} on {topic}"):
+        with self.translated(f"read the offsets of group {group} on {topic}",
+                             {"Topic": ("Describe", topic), "Group": ("Describe", group)}):
             (done,) = admin.list_consumer_group_offsets(
                 [ConsumerGroupTopicPartitions(group, tps)],
                 request_timeout=timeout_s).values()
@@ -136,7 +180,8 @@ class KafkaBroker:
                 future.result()
             except KafkaException as exc:
                 if errors.code_of(exc) not in errors.NO_TOPIC:
-                    raise self.error(f"delete topic {topic}", exc) from None
+                    raise self.error(f"delete topic {topic}", exc,
+                                     {"Topic": ("Delete", topic)}) from None
 
     # -- the Broker interface ----------------------------------------------------------------
 
@@ -145,8 +190,22 @@ class KafkaBroker:
         once, without librdkafka's retries, when nothing listens), then one topic listing."""
         deadline = time.monotonic() + timeout_s
         self._probe(deadline)
-        with self.translated("list topics"):
-            self.admin().list_topics(timeout=max(0.1, deadline - time.monotonic()))
+        admin = self.admin()
+        while True:
+            try:
+                admin.list_topics(timeout=max(0.1, min(CHECK_SLICE_S,
+                                                       deadline - time.monotonic())))
+                return
+            except KafkaException as exc:
+                admin.poll(0)  # serves librdkafka's error reports (``_client_error``)
+                if self.login_error is not None:
+                    raise self.login_error from None
+                if self.cfg.kafka.security_protocol.upper() in ("PLAINTEXT", "SASL_PLAINTEXT") \
+                        and self._hangs_up(deadline):
+                    raise errors.plaintext_refused(self.address, self.cfg.kafka) from None
+                if time.monotonic() >= deadline or errors.code_of(exc) not in \
+                        errors.UNREACHABLE | errors.TIMEOUTS:
+                    raise self.error("list topics", exc) from None
 
     def _probe(self, deadline: float) -> None:
         failures = []
@@ -175,7 +234,8 @@ class KafkaBroker:
         new = [NewTopic(t, num_partitions=partitions or k.partitions,
                         replication_factor=k.replication_factor, config=config)
                for t in missing]
-        with self.translated(f"create topics {', '.join(missing)}"):
+        with self.translated(f"create topics {', '.join(missing)}",
+                             {"Topic": ("Create", missing[0]), "Cluster": ("Create", "kafka-cluster")}):
             futures = self.admin().create_topics(new, operation_timeout=self.timeout_ms / 1000,
                                                  request_timeout=self.timeout_ms / 1000)
         for topic, future in futures.items():
@@ -185,7 +245,8 @@ class KafkaBroker:
                 if errors.code_of(exc) == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
                 if errors.code_of(exc) in errors.UNREACHABLE | errors.TIMEOUTS | errors.REFUSED:
-                    raise self.error(f"create topic {topic}", exc) from None
+                    raise self.error(f"create topic {topic}", exc,
+                                     {"Topic": ("Create", topic)}) from None
                 raise BrokerError(f"Kafka at {self.address} could not create topic {topic}: "
                                   f"{errors.reason_of(exc)}",
                                   "Check the name ([a-zA-Z0-9._-], at most 249 characters), "

@@ -66,6 +66,12 @@ class KafkaTopicConsumer:
         self._instance_id = broker.cfg.kafka.instance_id if group is not None else ""
         self._held_back: dict[int, tuple[int, int]] = {}  # partition -> (offset, epoch) to commit
         self._consumer: Any = None
+        # the ACLs reading takes, named when one is missing: a member reads with its group;
+        # a reader's group (settings.consumer_config) is only looked up, never joined
+        self.needs: errors.Needs = {
+            "Topic": ("Read", topic),
+            "Group": ("Read", group) if group is not None
+            else ("Describe", f"{errors.READER_GROUPS}*")}
         try:
             self._consumer = self._connect()
             if group is None:
@@ -81,7 +87,7 @@ class KafkaTopicConsumer:
         if self.group is not None:  # a worker: it watches its connections (``outage``)
             conf.update({"error_cb": self._client_error, "stats_cb": self._connections,
                          "statistics.interval.ms": STATS_EVERY_MS})
-        with self.broker.translated(f"start a consumer of {self.topic}"):
+        with self.broker.translated(f"start a consumer of {self.topic}", self.needs):
             consumer = Consumer(conf)
             if self.group is not None:
                 try:
@@ -189,7 +195,7 @@ class KafkaTopicConsumer:
         a message published right after this returns must be seen."""
         deadline = time.monotonic() + self.broker.timeout_ms / 1000
         tps = []
-        with self.broker.translated(f"find the offsets of {self.topic}"):
+        with self.broker.translated(f"find the offsets of {self.topic}", self.needs):
             for p in partitions:
                 low, high = self._watermarks(TopicPartition(self.topic, p), deadline)
                 tps.append(TopicPartition(self.topic, p, low if from_beginning else high))
@@ -240,8 +246,8 @@ class KafkaTopicConsumer:
         own."""
         if err.code() == KafkaError._FATAL:
             raise self._fatal(err, f"read {self.topic}")
-        if err.fatal() or err.code() in errors.NO_TOPIC:
-            raise self.broker.error(f"read {self.topic}", KafkaException(err))
+        if err.fatal() or err.code() in errors.NO_TOPIC or err.code() in errors.UNAUTHORIZED:
+            raise self.broker.error(f"read {self.topic}", KafkaException(err), self.needs)
         if err.code() in errors.UNREACHABLE | errors.TIMEOUTS:
             self._outage = f"Kafka at {self.broker.address}: reading {self.topic}: {err.str()}"
         log.warning("Kafka consumer of %s: %s: %s", self.topic, err.name(), err.str())
@@ -253,7 +259,7 @@ class KafkaTopicConsumer:
         kept in the message). Reconnecting would fence the other in turn, and the two would
         take the partitions from each other forever, so the worker stops (exit code 2)."""
         if not self._instance_id:
-            return self.broker.error(what, KafkaException(err))
+            return self.broker.error(what, KafkaException(err), self.needs)
         self._fenced = True  # so ``close`` does not try to leave in the other's name
         return errors.fenced(self.group, self._instance_id, err)
 
@@ -266,7 +272,7 @@ class KafkaTopicConsumer:
             err = errors.error_of(exc)
             if err is not None and err.code() == KafkaError._FATAL:
                 raise self._fatal(err, what) from None
-            raise self.broker.error(what, exc) from None
+            raise self.broker.error(what, exc, self.needs) from None
 
     def _message(self, r: Any, now: float) -> Message:
         headers = {name: (value or b"").decode("utf-8", "replace")

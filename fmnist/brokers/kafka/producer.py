@@ -30,7 +30,8 @@ class KafkaTopicProducer:
         confirmation = KafkaConfirmation(self.broker, producer, messages, timeout_s, deadline)
         report = confirmation.delivered
         produce = producer.produce
-        with self.broker.translated(f"send to {messages[0].topic if messages else '-'}"):
+        topic = messages[0].topic if messages else "-"
+        with self.broker.translated(f"send to {topic}", {"Topic": ("Write", topic)}):
             for m in messages:
                 key = None if m.key is None else m.key.encode()
                 headers = [(name, value.encode()) for name, value in m.headers.items()]
@@ -65,8 +66,11 @@ class KafkaConfirmation:
         self.timeout_s, self.deadline = timeout_s, deadline
         # list.append is atomic: reports may be served by any thread that polls the producer
         self.reports: list[KafkaError | None] = []
+        self.refused_topic = ""  # the topic of the first message refused (a missing ACL)
 
-    def delivered(self, err: KafkaError | None, _msg: Any) -> None:
+    def delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None and not self.refused_topic and msg is not None:
+            self.refused_topic = msg.topic() or ""
         self.reports.append(err)
 
     def wait(self) -> None:
@@ -87,4 +91,6 @@ class KafkaConfirmation:
             raise BrokerTimeout(f"Kafka at {self.broker.address} did not {what} within "
                                 f"{self.timeout_s:g} s.", "Is the broker up, and does the topic "
                                 "exist? `scripts/brokers up` starts the local one.")
-        raise self.broker.error(what, KafkaException(failed[0]))
+        refused = self.refused_topic or topic
+        raise self.broker.error(what if refused == topic else f"{what} ({refused})",
+                                KafkaException(failed[0]), {"Topic": ("Write", refused)})
