@@ -333,19 +333,45 @@ class OwnService:
 class OwnKafka(OwnService):
     """A single-node Kafka of our own (scripts/kafka.sh); the shared one on 9092 is never
     touched. ``host`` is the address it listens on and names to clients (this machine's own
-    address, for clients in containers)."""
+    address, for clients in containers).
+
+    ``security="sasl_ssl"``: the authenticated, authorised broker (KAFKA_SECURITY=sasl_ssl),
+    whose users log in with ``login(user)``'s settings."""
 
     script, title = "kafka.sh", "Kafka"
 
-    def __init__(self, state: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, state: Path, host: str = "127.0.0.1", security: str = "plaintext"
+                 ) -> None:
         self.port = free_port()
         self.controller_port = free_port()
         while self.controller_port == self.port:
             self.controller_port = free_port()
         self.address = f"{host}:{self.port}"
+        self.security = security
         self.env = {**os.environ, "KAFKA_HOST": host, "KAFKA_PORT": str(self.port),
                     "KAFKA_CONTROLLER_PORT": str(self.controller_port), "FMNIST_STATE": str(state),
-                    "KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m", "KAFKA_READY_S": "90"}
+                    "KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m", "KAFKA_READY_S": "90",
+                    "KAFKA_SECURITY": security}
+        self.state = state / ("kafka-sasl_ssl" if security == "sasl_ssl" else "kafka")
+        self.cafile = self.state / "certs" / "ca.pem"
+
+    def password_file(self, user: str) -> Path:
+        """Where the sasl_ssl broker keeps ``user``'s password (admin, fmnist-worker,
+        fmnist-client)."""
+        return self.state / "secrets" / f"{user}.password"
+
+    def login(self, user: str, password_file: bool = True) -> dict[str, str]:
+        """The ``FMNIST_*`` variables of a process that logs in to the sasl_ssl broker as
+        ``user``: its password from its file (or, ``password_file=False``, no password), the
+        broker's CA, and no topic creation (only admin may create)."""
+        env = {"FMNIST_KAFKA__BOOTSTRAP_SERVERS": self.address,
+               "FMNIST_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+               "FMNIST_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+               "FMNIST_KAFKA__SASL_USERNAME": user, "FMNIST_KAFKA__SSL_CAFILE": str(self.cafile),
+               "FMNIST_BROKER__CREATE_TOPICS": "false"}
+        if password_file:
+            env["FMNIST_KAFKA__SASL_PASSWORD_FILE"] = str(self.password_file(user))
+        return env
 
 
 class OwnPubsub(OwnService):
