@@ -90,6 +90,7 @@ stop_s="${KAFKA_STOP_S:-30}"
 poll_s=0.2  # each readiness check starts a Python client
 up_note=""
 status_note=", Kafka $version"
+[[ "$security" == plaintext ]] || status_note+=" (SASL_SSL)"
 python="$repo/.venv/bin/python"
 log_mark=1
 
@@ -114,6 +115,9 @@ write_secure_config() {
   if [[ -f "$state/data/meta.properties" && ! -s "$secrets/admin.password" ]]; then
     die "$state/data was formatted without the passwords in $secrets; delete $state to start over."
   fi
+  # the whole folder is the owner's: its data holds the SCRAM credentials (salted), its
+  # server.properties admin's password, secrets/ every password, certs/ the keys
+  chmod 700 "$state"
   mkdir -p "$secrets"
   chmod 700 "$secrets"
   for user in "${users[@]}"; do
@@ -318,9 +322,10 @@ prepare() {
 after_up() {
   [[ "$security" == sasl_ssl ]] || return 0
   user_env "$(running_addr)" admin "$python" -m fmnist.brokers.kafka.acls \
-    --worker fmnist-worker --client fmnist-client \
+    --worker fmnist-worker --client fmnist-client >"$state/acls.txt" \
     || die "granting the ACLs failed (the broker is up: \`scripts/kafka.sh down\` stops it)."
-  up_note=" with ACLs; passwords in $secrets, CA $certs/ca.pem"
+  up_note=" with $(grep -c '^granted' "$state/acls.txt") ACLs ($state/acls.txt); passwords in"
+  up_note+=" $secrets, CA $certs/ca.pem"
 }
 
 main "$@"
