@@ -54,12 +54,14 @@ RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
 
 # What both images share: the venv on PATH, fmnist's configs and sample images read-only under
 # FMNIST_HOME, and one writable place, /var/cache/fmnist (weights, models fetched from the
-# registry, JAX's compile cache), so the root filesystem can be read-only.
+# registry, JAX's compile cache, the in-flight journal that a restarted worker reads to end
+# crash loops), so the root filesystem can be read-only.
 FROM python AS runtime
 ENV PATH=/opt/fmnist/bin:$PATH \
     FMNIST_HOME=/usr/share/fmnist \
     FMNIST_MODEL__WEIGHTS_DIR=/var/cache/fmnist/weights \
     FMNIST_SERVE__COMPILE_CACHE=/var/cache/fmnist/jax \
+    FMNIST_SERVE__JOURNAL_DIR=/var/cache/fmnist/inflight \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -146,6 +146,15 @@ class PredictionHandler:
 
         return Prepared(messages, finish, predictor)
 
+    def refuse(self, messages: list[Message], error: protocol.RequestError) -> BatchResult:
+        """Answer every one of ``messages`` with ``error`` (and dead-letter it) without
+        decoding it or running the model: what the crash-loop guard does with a request that
+        crashed workers (fmnist/serving/crashes.py)."""
+        requests = [protocol.parse_request(m, self.cfg.broker.response_topic)[0]
+                    for m in messages]
+        return self._answers(requests, dict.fromkeys(range(len(requests)), error), {},
+                             np.empty((0, 10), np.float32), 0.0, self.predictor)
+
     def _answers(self, requests: list[protocol.Request], errors: dict[int, protocol.RequestError],
                  spans: dict[int, tuple[int, int, str | None]], probs: np.ndarray,
                  inference_ms: float, predictor: BatchPredictor) -> BatchResult:

@@ -50,6 +50,8 @@ ERROR_CODES = {
     "invalid_reply_to": "reply_to names a topic this worker may not answer on.",
     "invalid_request": "A JSON (Open Inference Protocol) body that cannot be used.",
     "internal_error": "The worker failed on this request; it has been dead-lettered.",
+    "crashed_worker": "Worker processes died handling this request (serve.max_crashes); it "
+                      "has been dead-lettered and is not handled again.",
 }
 
 

@@ -17,6 +17,7 @@ from fmnist.brokers import connect
 from fmnist.config import Config
 from fmnist.registry.follower import Announcer, Follower, starting_model
 from fmnist.registry.store import open_store
+from fmnist.serving import crashes
 from fmnist.serving.handler import PredictionHandler
 from fmnist.serving.metrics import HealthServer, InstrumentedBroker, Metrics
 from fmnist.serving.reload import Reloader
@@ -48,6 +49,9 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
 
     broker = connect(cfg.serve.broker, cfg)
     metrics = Metrics(cfg.serve.broker)
+    group = broker.worker_group()
+    # First: what dead workers had in flight goes out before this one takes requests.
+    guarded = crashes.guard(cfg, broker, group, worker_id)
 
     def refused(name: str, version: str, reason: str) -> None:
         metrics.model_refusals.labels(reason=reason).inc()
@@ -66,7 +70,8 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
     log.info("forward pass ms per call by batch shape: %s", predictor.bucket_ms)
     metrics.set_model(predictor.name, predictor.version)
     handler = PredictionHandler(cfg, predictor, worker_id)
-    worker = Worker(cfg, InstrumentedBroker(broker, metrics), handler, freeze_heap=True)
+    worker = Worker(cfg, InstrumentedBroker(broker, metrics), guarded.around(handler),
+                    group=group, freeze_heap=True)
     install_signal_handlers(worker)
     worker.observers.append(metrics.observe)
     health = None
@@ -108,5 +113,6 @@ def serve(cfg: Config, live_status: bool = True, reload: bool = False) -> None:
             status.stop()
         if health:
             health.stop()
+        guarded.close()
         broker.close()
     log.info("stopped after %d requests (%d errors)", worker.stats.processed, worker.stats.errors)

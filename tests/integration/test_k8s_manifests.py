@@ -195,7 +195,8 @@ def test_runs_as_non_root_on_a_read_only_root(rendered: Rendered) -> None:
     # everything the worker writes is on a volume
     cfg, env = rendered.cfg(), rendered.env()
     mounts = [Path(m["mountPath"]) for m in rendered.worker["volumeMounts"]]
-    writes = [Path(cfg.serve.compile_cache), cfg.model.weights_dir / "registry", Path(env["HOME"])]
+    writes = [Path(cfg.serve.compile_cache), cfg.model.weights_dir / "registry", Path(env["HOME"]),
+              Path(cfg.serve.journal_dir)]
     if cfg.serve.broker == "pubsub":
         writes.append(cfg.registry.dir)
     for path in writes:
