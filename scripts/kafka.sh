@@ -148,6 +148,16 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:admin
 allow.everyone.if.no.acl.found=false
 EOF
+  # admin's client settings for Kafka's own tools (--command-config), 0600 like $props
+  (umask 077 && cat >"$state/admin.properties" <<EOF
+# Written by scripts/kafka.sh: log in as admin, for Kafka's tools (--command-config).
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$admin_password";
+ssl.truststore.type=PEM
+ssl.truststore.location=$certs/ca.pem
+EOF
+  )
 }
 
 # Run the rest of the arguments as an fmnist process that is USER ($2) on the secure broker at

@@ -140,6 +140,10 @@ def test_the_client_may_not_read_dead_letters_nor_delete_topics(secure: Secure) 
             client.delete_topics([secure.topics.request])
         assert (f"grant User:fmnist-client Delete on Topic:{secure.topics.request}"
                 in deleted.value.message)
+        with pytest.raises(BrokerError) as forged:  # nor answer in a worker's name
+            client.producer().publish([OutMessage(secure.topics.response, b"{}", key="x")], 10)
+        assert (f"grant User:fmnist-client Write on Topic:{secure.topics.response}"
+                in forged.value.message)
         with pytest.raises(BrokerError) as joined:  # nor read requests as a worker would
             client.consumer(secure.topics.request, group=secure.topics.group).next_batch(1, 5)
         assert (f"grant User:fmnist-client Read on Group:{secure.topics.group}"
