@@ -11,7 +11,14 @@ import time
 from contextlib import AbstractContextManager
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from fmnist.brokers.base import Consumer
@@ -134,21 +141,26 @@ class KafkaBroker:
     def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``; BrokerError when it does not exist."""
         found = self.metadata().topics.get(topic)
-        if found is None and self.cfg.kafka.sasl_mechanism:
-            # A listing of every topic leaves out those this user may not Describe; asked by
-            # name, the broker says so (it creates nothing: auto-creation is the broker's
-            # choice, and our clients never ask for it)
-            with self.translated(f"describe topic {topic}", {"Topic": ("Describe", topic)}):
-                found = self.admin().list_topics(topic, timeout=self.timeout_ms / 1000
-                                                 ).topics.get(topic)
-            if found is not None and found.error is not None \
-                    and found.error.code() in errors.UNAUTHORIZED:
-                raise self.error(f"use topic {topic}", KafkaException(found.error),
-                                 {"Topic": ("Describe", topic)})
+        if found is None and self.cfg.kafka.security_protocol.upper() != "PLAINTEXT":
+            self._describable(topic)
         if found is None or found.error is not None or not found.partitions:
             raise BrokerError(f"Kafka topic {topic} does not exist at {self.address}.",
                               "Create it first (`broker.create_topics: true` does that on start).")
         return sorted(found.partitions)
+
+    def _describable(self, topic: str) -> None:
+        """A topic missing from the listing of every topic: a cluster with ACLs leaves out
+        those this user may not Describe, and says so when asked for the topic by name
+        (DescribeTopics, which never creates a topic). Kafka answers the same for a topic that
+        does not exist, so as not to tell that user which topics do."""
+        future = self.admin().describe_topics(TopicCollection([topic]),
+                                              request_timeout=self.timeout_ms / 1000)[topic]
+        try:
+            future.result()
+        except KafkaException as exc:
+            if errors.code_of(exc) in errors.UNAUTHORIZED:
+                raise self.error(f"use topic {topic}", exc,
+                                 {"Topic": ("Describe", topic)}) from None
 
     def group_lag(self, group: str, topic: str) -> dict[int, int]:
         """Per partition of ``topic``, how many messages ``group`` has not committed: the end
