@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AclOperation, ResourceType
 
 from fmnist import config
 from fmnist.brokers import OutMessage
@@ -160,7 +159,7 @@ def test_the_client_may_not_read_dead_letters_nor_delete_topics(secure: Secure) 
 def test_a_worker_without_an_acl_names_it(secure: Secure) -> None:
     """Its Write on the answers' topic taken away, the worker's log names that ACL; granted
     again, the request is answered."""
-    write = acls.Grant("fmnist-worker", AclOperation.WRITE, ResourceType.TOPIC,
+    write = acls.Grant("fmnist-worker", acls.WRITE, acls.ResourceType.TOPIC,
                        secure.topics.response)
     admin_cfg = secure.config("admin")
     acls.revoke(admin_cfg, write)

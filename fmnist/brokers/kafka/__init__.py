@@ -2,7 +2,9 @@
 
 The only package that imports ``confluent_kafka``, split by concern: ``settings`` (librdkafka's
 configuration from ``kafka.*``), ``errors`` (its errors as BrokerErrors that say what to do),
-``broker`` (admin, topics, the Broker interface), ``producer`` and ``consumer``.
+``broker`` (admin, topics, the Broker interface), ``producer`` and ``consumer``; ``acls``
+grants a worker and a client what they need on a cluster with an authorizer
+(docs/brokers.md#authenticated-kafka).
 
 How the interface maps onto Kafka:
 

@@ -202,6 +202,7 @@ class KafkaBroker:
         once, without librdkafka's retries, when nothing listens), then one topic listing."""
         deadline = time.monotonic() + timeout_s
         self._probe(deadline)
+        self.login_error = None  # only what this check hears counts
         admin = self.admin()
         while True:
             try:
