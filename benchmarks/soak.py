@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +73,14 @@ def totals(results: dict[str, Any], rss_limit: float) -> str:
     return "\n".join(lines)
 
 
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=10)
+    return done.stdout.strip() + ("" if not subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+        text=True, timeout=10).stdout.strip() else " (with uncommitted changes in the tree)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0)
@@ -98,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     "restart; latency from the first publish attempt to the answer's arrival",
             "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:] if argv is None
                                                                else argv),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": args.note}
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
+            "note": args.note}
 
     def minute(results: dict[str, Any]) -> None:
         dump({**meta, **results}, out)
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     # Stopping Kafka is part of the soak: the client's own reconnection warnings (one a second
     # per connection while it is down) would bury the table. The workers log to their files.
-    logging.getLogger("fmnist.brokers").setLevel(logging.CRITICAL)
+    for name in ("fmnist.brokers", "fmnist.brokers.kafka.librdkafka"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="fmnist-soak-") as tmp:
         soak = Soak(plan, Path(tmp), on_minute=minute)
         try:

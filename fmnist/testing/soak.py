@@ -187,6 +187,13 @@ class Life:
     how: str = ""  # "SIGKILL", or how it ended otherwise
     rss: list[tuple[float, float]] = field(default_factory=list)
 
+    def by_minute(self) -> list[float]:
+        """The last RSS sample of each minute of the process's life (its first minute first)."""
+        minutes: dict[int, float] = {}
+        for t, mb in self.rss:
+            minutes[int((t - self.started_s) // 60)] = round(mb, 1)
+        return [minutes[m] for m in sorted(minutes)]
+
     def growth(self, warmup_s: float) -> dict[str, Any] | None:
         """RSS from ``warmup_s`` into the process's life to its last sample; None if it did
         not live a minute beyond the warm-up."""
@@ -363,6 +370,7 @@ class Soak:
         cases = run.case
         traffic_cases = poison_cases("kafka")
         start_ms = self.t0_wall_ms
+        last = max(0, int(np.ceil(self.plan.seconds / 60)) - 1)
         totals: Counter[str] = Counter()
         letters_by_code: Counter[str] = Counter()
         good_lettered: list[dict[str, Any]] = []
@@ -397,8 +405,8 @@ class Soak:
                 good_lettered.append({"request_id": rid, "codes": sorted(
                     {str(a["code"]) for a in answers}
                     | {str(letter.headers.get("dlq_error_code")) for letter in letters})})
-            if rid in first_try:
-                minute = per_minute[int((first_try[rid] - start_ms) // 60_000)]
+            if rid in first_try:  # the last chunk may end a moment after the last minute
+                minute = per_minute[min(int((first_try[rid] - start_ms) // 60_000), last)]
                 minute["sent"] += 1
                 minute["bad"] += bool(case)
                 if not case and answers and answers[0]["status"] == "ok":
@@ -441,6 +449,7 @@ class Soak:
                 "how": life.how or "ran to the end", "samples": len(life.rss),
                 "rss_first_mb": round(life.rss[0][1], 1) if life.rss else None,
                 "rss_last_mb": round(life.rss[-1][1], 1) if life.rss else None,
+                "rss_mb_by_minute_of_life": life.by_minute(),
                 "growth": life.growth(self.plan.warmup_s)}
 
 
