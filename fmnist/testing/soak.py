@@ -281,11 +281,15 @@ class Soak:
     # -- the soak --
 
     def run_soak(self) -> dict[str, Any]:
-        self.kafka.up()
         try:
             run = SoakRun(self.workdir, self.kafka)
             with run:
                 self.run = run
+                # The workers load their model while Kafka starts; they wait for it (with
+                # growing pauses) as they would for a broker that is late.
+                for slot in range(self.plan.workers):
+                    self._start(run, slot)
+                self.kafka.up()
                 return self._soak(run)
         finally:
             if self._restart is not None:
@@ -294,8 +298,6 @@ class Soak:
 
     def _soak(self, run: SoakRun) -> dict[str, Any]:
         run.open()
-        for slot in range(self.plan.workers):
-            self._start(run, slot)
         # Ready: each worker has answered (each has partitions of the request topic).
         warm = 0
 
@@ -353,7 +355,7 @@ class Soak:
             if self.now() >= next_sample:
                 self._sample()
                 next_sample += self.plan.sample_s
-        run.drain(quiet_s=3, timeout=30)
+        run.drain(quiet_s=2, timeout=30)
         self.drain_s = time.monotonic() - drained
         self.phase = "done"
         self._sample()
