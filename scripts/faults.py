@@ -6,7 +6,8 @@ Scenarios (fmnist/testing/scenarios.py; the tests in tests/integration assert on
 runs): poison requests in a stream of good ones; `kill -9` of a worker mid-stream; SIGTERM
 during a busy stream, and a second signal; a worker started before Kafka; Kafka stopped and
 restarted under load (on a Kafka of its own, on free ports); workers joining and leaving a
-consumer group. Each runs real `fmnist serve` processes on private topics.
+consumer group; a request that kills every worker process which handles it (fmnist/testing/
+crashing.py). Each runs real `fmnist serve` processes on private topics.
 
 Prints a Markdown table (scenario, broker, sent, answered, duplicates, lost, error responses,
 DLQ records, wrong labels, seconds). Exit status 1 if any scenario lost a request or could not
@@ -31,10 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fmnist import config
-from fmnist.testing import scenarios
+from fmnist.testing import crashing, scenarios
 from fmnist.testing.scenarios import OwnKafka, Report
 
-SCENARIOS = ("poison", "crash", "sigterm", "kafka-late", "kafka-restart", "rebalance")
+SCENARIOS = ("poison", "crash", "sigterm", "crash-loop", "kafka-late", "kafka-restart",
+             "rebalance")
 MAX_COUNT = 10_000
 
 
@@ -80,6 +82,8 @@ def plan(args: argparse.Namespace, workdir: Path, own: Callable[[], OwnKafka]
              lambda b=broker: [scenarios.crash(b, d("crash", b), count=count)]),
             ("sigterm", broker,
              lambda b=broker: list(scenarios.sigterm(b, d("sigterm", b), count=count))),
+            ("crash-loop", broker,
+             lambda b=broker: [crashing.crash_loop(b, d("crash-loop", b))]),
         ]
     if "kafka" in args.brokers:
         steps += [

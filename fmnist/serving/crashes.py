@@ -40,8 +40,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ STALE_S = 24 * 3600  # a dead journal this old names requests long since handled
 MAX_JOURNAL_BYTES = 1 << 20
 KEEP_SUSPECTS = 10_000  # source ids remembered (the oldest are forgotten first)
 RETRY_S = 5.0
+History = dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class CrashReport:
     pid: int
     died_at: float  # the journal's last write (time.time())
     in_flight: tuple[tuple[str, ...], ...]  # the batches in its handler, source ids
+    # What it knew of the suspects it held: source id -> (ids of the reports of the deaths
+    # it was in flight at, of those it was alone at). A restarted worker that claims this
+    # report learns them with it, even where the broker keeps no history (Pub/Sub).
+    history: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict)
 
     @property
     def requests(self) -> list[str]:
@@ -82,7 +88,8 @@ class CrashReport:
 
     def to_json(self) -> bytes:
         return json.dumps({"id": self.id, "worker_id": self.worker_id, "pid": self.pid,
-                           "died_at": self.died_at, "in_flight": self.in_flight}).encode()
+                           "died_at": self.died_at, "in_flight": self.in_flight,
+                           "history": self.history}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> CrashReport:
@@ -91,9 +98,14 @@ class CrashReport:
             data = json.loads(raw)
             batches = tuple(tuple(str(s) for s in batch) for batch in data["in_flight"])
             return cls(str(data["id"]), str(data["worker_id"]), int(data["pid"]),
-                       float(data["died_at"]), batches)
+                       float(data["died_at"]), batches, _history(data.get("history", {})))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"not a crash report: {exc}") from None
+
+
+def _history(raw: Any) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    return {str(source): (tuple(str(r) for r in deaths), tuple(str(r) for r in alone))
+            for source, (deaths, alone) in dict(raw).items()}
 
 
 class Journal:
@@ -123,16 +135,21 @@ class Journal:
                            "pid": os.getpid()})
         self._head = head[:-1] + ', "in_flight": '
         self._batches: dict[int, list[str]] = {}
+        self._history: dict[int, History] = {}
         self._next = 0
         self._write()
 
-    def add(self, sources: list[str]) -> int:
+    def add(self, sources: list[str], history: History | None = None) -> int:
+        """``history``: what is known of these requests' earlier deaths (suspects only)."""
         token, self._next = self._next, self._next + 1
         self._batches[token] = sources
+        if history:
+            self._history[token] = history
         self._write()
         return token
 
     def remove(self, token: int) -> None:
+        self._history.pop(token, None)
         if self._batches.pop(token, None) is not None:
             self._write()
 
@@ -142,7 +159,9 @@ class Journal:
     def _write(self) -> None:
         # One line; a longer earlier line's tail past it is cut by the truncate, and a reader
         # takes the first line only should the process die between the two calls.
-        line = (self._head + json.dumps(list(self._batches.values())) + "}\n").encode()
+        history = {s: h for known in self._history.values() for s, h in known.items()}
+        line = (self._head + json.dumps(list(self._batches.values())) + ', "history": '
+                + json.dumps(history) + "}\n").encode()
         os.pwrite(self._fd, line, 0)
         os.ftruncate(self._fd, len(line))
 
@@ -192,7 +211,8 @@ class Journal:
             batches = tuple(tuple(str(s) for s in b) for b in data["in_flight"] if b)
             ours = (data["topic"], data["group"]) == (self.topic, self.group)
             report = CrashReport(path.name, str(data["worker_id"]), int(data["pid"]),
-                                 os.fstat(fd).st_mtime, batches)
+                                 os.fstat(fd).st_mtime, batches,
+                                 _history(data.get("history", {})))
         except (ValueError, KeyError, TypeError):
             log.warning("in-flight journal %s cannot be read; deleted", path)
             return None, False
@@ -207,7 +227,10 @@ class Suspects:
         self.max_crashes = max(1, max_crashes)
         self._lock = threading.Lock()
         self._reports: OrderedDict[str, None] = OrderedDict()
-        self._crashes: OrderedDict[str, tuple[int, int]] = OrderedDict()  # (deaths, alone)
+        # source id -> (the reports of the deaths it was in flight at, of those it was alone
+        # at): sets of report ids, so a death learned twice (from a report and from a later
+        # report's history) counts once
+        self._crashes: OrderedDict[str, tuple[frozenset[str], frozenset[str]]] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self._crashes)
@@ -220,15 +243,27 @@ class Suspects:
             self._reports[report.id] = None
             alone = report.alone
             for source in dict.fromkeys(report.requests):
-                deaths, alone_deaths = self._crashes.pop(source, (0, 0))
-                self._crashes[source] = (deaths + 1, alone_deaths + (source == alone))
+                deaths, alone_at = self._crashes.pop(source, (frozenset(), frozenset()))
+                earlier, earlier_alone = report.history.get(source, ((), ()))
+                self._crashes[source] = (
+                    deaths | {report.id, *earlier},
+                    alone_at | {*earlier_alone, *((report.id,) if source == alone else ())})
             for memory in (self._reports, self._crashes):
                 while len(memory) > KEEP_SUSPECTS:
                     memory.popitem(last=False)
             return True
 
     def deaths(self, source: str) -> tuple[int, int]:
-        return self._crashes.get(source, (0, 0))
+        """(deaths it was in flight at, of which alone)."""
+        deaths, alone = self._crashes.get(source, (frozenset(), frozenset()))
+        return len(deaths), len(alone)
+
+    def history(self, source: str) -> History:
+        """What a journal keeps of ``source`` while it is handled alone."""
+        if source not in self._crashes:
+            return {}
+        deaths, alone = self._crashes[source]
+        return {source: (tuple(sorted(deaths)), tuple(sorted(alone)))}
 
     def refused(self, source: str) -> bool:
         deaths, alone = self.deaths(source)
@@ -279,7 +314,8 @@ class CrashGuard:
                         ", ".join(m.source_id for m in alone[:3]) + (", ..." if len(alone) > 3
                                                                      else ""))
         for message in alone:
-            results.append(self._journalled([message]).finish())
+            history = self.suspects.history(message.source_id)
+            results.append(self._journalled([message], history).finish())
         if refused:
             results.append(self._refuse(refused))
         tail = self._journalled(rest) if rest else None
@@ -294,8 +330,8 @@ class CrashGuard:
         return Prepared([*alone, *refused, *rest], finish,
                         tail.model if tail is not None else self.inner.model)
 
-    def _journalled(self, messages: list[Message]) -> Prepared:
-        token = self.journal.add([m.source_id for m in messages])
+    def _journalled(self, messages: list[Message], history: History | None = None) -> Prepared:
+        token = self.journal.add([m.source_id for m in messages], history)
         try:
             prepared = self.inner.prepare(messages)
         except BaseException:

@@ -29,17 +29,21 @@ CFG = config.load(env={}, flags={"serve.max_wait_ms": 0, "serve.max_batch_size":
                                  "serve.commit_every_ms": 0})
 
 
-def die_holding(folder: Path, journals: list[tuple[str, str, list[list[str]]]]) -> None:
-    """A process that opens a journal per (topic, group, batches held) and is SIGKILLed."""
+def die_holding(folder: Path, journals: list[tuple[str, str, list[list[str]]]],
+                history: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None
+                ) -> None:
+    """A process that opens a journal per (topic, group, batches held) and is SIGKILLed;
+    ``history``: what it knew of the first batch of the first journal."""
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
         from fmnist.serving.crashes import Journal
-        kept = []
+        kept, history = [], {history or {}!r}
         for topic, group, batches in {journals!r}:
             j = Journal(Path({str(folder)!r}), topic, group, "doomed")
             for batch in batches:
-                j.add(batch)
+                j.add(batch, history)
+                history = None
             kept.append(j)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -133,6 +137,22 @@ def test_a_request_is_refused_after_max_crashes_deaths_one_of_them_alone() -> No
     assert not patient.refused("a/0/3")
     patient.learn(report("r3", ["a/0/3"]))
     assert patient.refused("a/0/3")
+
+
+def test_a_claimed_report_carries_the_deaths_its_process_knew_of(tmp_path: Path) -> None:
+    """Pub/Sub keeps no history for a new reader: a restarted worker learns the earlier death
+    from its predecessor's journal, which held the suspect with what was known of it."""
+    first = report("inflight-first.json", ["req/0/4", "req/0/5"])
+    die_holding(tmp_path, [("req", "g", [["req/0/5"]])],
+                history={"req/0/5": (("inflight-first.json",), ())})
+    (claimed,) = Journal(tmp_path, "req", "g", "w1").claim_dead()
+    assert claimed.history == {"req/0/5": (("inflight-first.json",), ())}
+    assert CrashReport.from_json(claimed.to_json()) == claimed
+    suspects = Suspects(max_crashes=2)
+    suspects.learn(claimed)
+    assert suspects.deaths("req/0/5") == (2, 1) and suspects.refused("req/0/5")
+    suspects.learn(first)  # the same death, read from the topic later: not counted again
+    assert suspects.deaths("req/0/5") == (2, 1) and suspects.deaths("req/0/4") == (1, 0)
 
 
 def test_suspects_forget_the_oldest_beyond_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
