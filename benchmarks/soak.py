@@ -6,7 +6,8 @@ one worker SIGKILLed every few minutes and started again, Kafka stopped and star
                                         [--restart-at 15] [--broker kafka] [--out FILE.json]
 
 Half an hour is best left in the background; the results file is rewritten at the end of every
-minute, so an interrupted run (Ctrl+C, SIGTERM) still leaves the figures so far:
+minute, so an interrupted run (Ctrl+C, SIGTERM) still leaves the figures so far (its phase says
+so, and its ``lost`` then counts the requests still in flight, which were never drained):
 
     nohup .venv/bin/python benchmarks/soak.py --minutes 30 > soak.log 2>&1 &
 
