@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def minute(results: dict[str, Any]) -> None:
         dump({**meta, **results}, out)
-        m = results["minutes"][-2] if len(results["minutes"]) > 1 else results["minutes"][-1]
+        done = round(results["seconds"] / 60) - 1  # the minute that just ended
+        m = next((row for row in results["minutes"] if row["minute"] == done),
+                 results["minutes"][-1])
         print(f"[{results['seconds']:.0f} s] minute {m['minute']}: sent {m['sent']}, p50 "
               f"{m['p50_ms']} p99 {m['p99_ms']} ms, rss {m['rss_mb']}; not yet answered: "
               f"{len(soak.run.open_requests()) if soak.run else '?'}", flush=True)
