@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 # is coarser: the worker that runs throughout, from 30 s into its life to the end (about
 # 100 s and 10,000 requests between them), grows at most 10 %. A leak of 3 KB a request (one
 # decoded image, or one request's payload and headers) would pass 30 MB, over 8 % of a worker's
-# 350 MB; measured without a leak: +3.6 % (TensorFlow's first batches of new sizes).
+# 350 MB; measured without a leak: +3.6 % (a step when Kafka restarts and the worker makes
+# new clients, then flat).
 RSS_GROWTH_PCT = 10.0
 
 
