@@ -146,6 +146,20 @@ class Run:
                                     for rid, _, headers, _ in requests
                                     if headers.get(protocol.SENT_AT, "").isdigit()})
 
+    def send_until_confirmed(self, requests: list[tuple[str, bytes, dict[str, str], str | None]],
+                             stop: threading.Event) -> int | None:
+        """``send`` again, the same ids, until the broker confirms (it may be down): how many
+        attempts failed, or None when ``stop`` was set first."""
+        failed = 0
+        while not stop.is_set():
+            try:
+                self.send(requests, timeout_s=10)
+                return failed
+            except BrokerError:
+                failed += 1
+                stop.wait(0.5)
+        return None
+
     def good(self, prefix: str, n: int, start: int = 0) -> list[tuple[str, bytes, dict[str, str],
                                                                       str | None]]:
         names = sorted(IMAGES)
@@ -284,15 +298,10 @@ class Stream:
         started = time.monotonic()
         while self.sent < self.count and not self._stop.is_set():
             batch = self.run.good(self.prefix, min(self.chunk, self.count - self.sent), self.sent)
-            while not self._stop.is_set():
-                try:
-                    self.run.send(batch, timeout_s=10)
-                    break
-                except BrokerError:
-                    self.failed_publishes += 1
-                    self._stop.wait(0.5)
-            else:
+            failed = self.run.send_until_confirmed(batch, self._stop)
+            if failed is None:
                 return
+            self.failed_publishes += failed
             self.sent += len(batch)
             self._stop.wait(max(0.0, started + self.sent / self.per_s - time.monotonic()))
 

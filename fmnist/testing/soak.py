@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from fmnist.client import decode_response
-from fmnist.errors import BrokerError
 from fmnist.serving import protocol
 from fmnist.testing.poison import Poison, poison_cases
 from fmnist.testing.processes import WorkerProcess
@@ -159,15 +158,10 @@ class Traffic:
         while not self._stop.is_set():
             batch = [self._request(self.sent + j) for j in range(chunk)]
             first_try = time.time() * 1000
-            while not self._stop.is_set():
-                try:
-                    self.run.send(batch, timeout_s=10)
-                    break
-                except BrokerError:
-                    self.failed_publishes += 1
-                    self._stop.wait(0.5)
-            else:
+            failed = self.run.send_until_confirmed(batch, self._stop)
+            if failed is None:
                 return
+            self.failed_publishes += failed
             with self.run._lock:  # results() copies it from another thread
                 self.run.first_try_ms.update({rid: first_try for rid, *_ in batch})
             self.sent += len(batch)
