@@ -1,5 +1,5 @@
 # Thin wrappers over scripts/ so the common tasks are one word.
-.PHONY: setup lock test test-fast demo brokers-up brokers-down brokers-status bench lint
+.PHONY: setup lock test test-fast demo brokers-up brokers-down brokers-status bench bench-peers lint
 
 PYTHON ?= $(shell command -v python3.11 || echo python3)
 
@@ -40,6 +40,9 @@ brokers-status:
 
 bench:            ## the benchmark suite (BENCHMARKS.md)
 	scripts/setup && .venv/bin/python benchmarks/bench.py
+
+bench-peers:      ## fmnist against MLServer's Kafka mode and a naive worker (builds .venvs/mlserver)
+	scripts/setup && .venv/bin/python benchmarks/peers.py
 
 lint:            ## ruff on everything, mypy on the package
 	.venv/bin/ruff check fmnist tests scripts benchmarks

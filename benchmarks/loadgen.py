@@ -7,6 +7,10 @@ de-duplicated) by their ``request_id`` header. A receiver thread reads answers w
 thread publishes, so the pacing is open loop: the next request leaves on schedule whether or not
 earlier ones were answered, and latency is measured from each request's *scheduled* send time
 (a publisher that falls behind shows up as latency, not as a slower offered rate).
+
+By default the requests are the PNGs of ``Images/`` in turn; a ``Payload`` sends one fixed body
+instead (benchmarks/peers.py: the same Open Inference Protocol JSON to fmnist and its peers),
+with extra headers, and says which bytes mark an answer as a prediction.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ SUSTAINED_FRACTION = 0.9  # answers must keep up with at least 90% of the offere
 LOADGEN_LAG_S = 0.25  # the publisher itself ended this far behind schedule: it was the limit
 
 
+@dataclass(frozen=True)
+class Payload:
+    """One request body sent every time, its content type, headers added to fmnist's own, and
+    the bytes whose presence in an answer makes it a prediction."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+    ok_marker: bytes
+
+
 @dataclass
 class Phase:
     """Request ids of one phase, when each was meant to leave, when publishing ended."""
@@ -38,8 +53,10 @@ class Phase:
 
 
 class LoadGen:
-    def __init__(self, broker_name: str, topics: Topics, overrides: dict[str, str]) -> None:
+    def __init__(self, broker_name: str, topics: Topics, overrides: dict[str, str],
+                 payload: Payload | None = None) -> None:
         self.topics = topics
+        self.payload = payload
         cfg = topics.config(overrides, inherit=True)
         self.broker = connect(broker_name, cfg)
         self.broker.check(cfg.broker.connect_timeout_s)
@@ -93,6 +110,8 @@ class LoadGen:
     def ok(self, rid: str) -> bool:
         """An answer that is a prediction (fmnist) or the request's own bytes (echo)."""
         m = self.answers[rid]
+        if self.payload is not None:
+            return self.payload.ok_marker in m.value
         return "worker_id" in m.headers or b'"status":"ok"' in m.value
 
     # -- publishing -----------------------------------------------------------------------------
@@ -101,10 +120,15 @@ class LoadGen:
         out = []
         for _ in range(count):
             rid = protocol.new_request_id()
-            payload = self.payloads[self._sent % len(self.payloads)]
+            if self.payload is None:
+                body = self.payloads[self._sent % len(self.payloads)]
+                headers = protocol.request_headers(rid, "image/png")
+            else:
+                body = self.payload.body
+                headers = {**protocol.request_headers(rid, self.payload.content_type),
+                           **self.payload.headers}
             self._sent += 1
-            out.append(OutMessage(self.topics.request, payload, key=rid,
-                                  headers=protocol.request_headers(rid, "image/png")))
+            out.append(OutMessage(self.topics.request, body, key=rid, headers=headers))
         return out
 
     def send(self, count: int, timeout_s: float = 30) -> list[str]:

@@ -1,0 +1,394 @@
+"""fmnist against what users would run instead, on the same Kafka, load and weights, in one run.
+
+    .venv/bin/python benchmarks/peers.py                    # the full run (`make bench-peers`)
+    .venv/bin/python benchmarks/peers.py --rounds 1 --burst 500 --rates 50 --seconds 3  # smoke
+
+Systems (``--systems``), each started in turn, one at a time, on a Kafka broker of this run's
+own (free ports, never the shared one on 9092; ``--bootstrap`` names another), each on fresh
+topics:
+
+- ``fmnist``: `fmnist serve --quiet` with its defaults;
+- ``mlserver``: Seldon MLServer in its Kafka mode (``kafka_enabled``) with a minimal runtime
+  (benchmarks/peers/mlserver_runtime.py: jit-compiled forward pass, padded batches), batching
+  off; ``mlserver-b64``: the same with adaptive batching, 64 requests / 2 ms;
+- ``naive``: one message -> ``model.predict`` -> produce (benchmarks/peers/naive_worker.py),
+  the floor.
+
+MLServer runs in `.venvs/mlserver`, built here when missing or off its pins (it is not a
+dependency of fmnist), with keras, jax, jaxlib and numpy at constraints.txt's versions.
+
+Every system gets the same request: Images/sneaker7.png as an Open Inference Protocol
+[1, 28, 28] UINT8 tensor (JSON), sent by benchmarks/loadgen.py with the same headers (fmnist's
+plus ``mlserver-model``). Per system and round: wait until it answers, warm up, one saturation
+burst (answers/s, and each process's CPU over it), then open-loop latency at each ``--rates``
+for ``--seconds`` (a rate over ``--over-capacity`` times the burst's answers/s is skipped).
+Rounds alternate the order of the systems; every figure is the median of ``--rounds``. Writes
+benchmarks/results/peers/<timestamp>.json (with the command) and .md, and prints the markdown
+table with fmnist / peer ratios (benchmarks/peers_report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+import numpy as np
+from common import PYTHON, ROOT, machine, training_running
+from loadgen import LoadGen, Payload
+from peers_report import answer_label, markdown, order, ratios, summarize
+
+from fmnist import config, imaging
+from fmnist.testing.processes import WorkerProcess
+from fmnist.testing.run import OwnKafka, free_port
+from fmnist.testing.topics import Topics
+
+RESULTS = ROOT / "benchmarks" / "results" / "peers"
+PEERS = ROOT / "benchmarks" / "peers"
+VENV = ROOT / ".venvs" / "mlserver"
+# uvloop as of MLServer 1.7.1's release: its parallel inference pool calls
+# asyncio.get_event_loop() in each new worker process (mlserver/parallel/worker.py), which
+# uvloop >= 0.22 turns into "RuntimeError: There is no current event loop", so the pool never
+# loads a model (--mlserver-workers 1 needs this pin).
+MLSERVER_PINS = ("mlserver==1.7.1", "uvloop==0.21.0")
+SHARED_PINS = ("keras", "jax", "jaxlib", "numpy")  # at constraints.txt's versions
+SYSTEMS = ("fmnist", "mlserver", "mlserver-b64", "naive")
+IMAGE = "sneaker7.png"
+READY_S = 180
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
+    ap.add_argument("--rounds", type=int, default=3, help="figures are medians of the rounds")
+    ap.add_argument("--burst", type=int, default=5000, help="requests in the saturation burst")
+    ap.add_argument("--rates", type=floats, default=[50, 200, 500], help="offered req/s")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per offered rate")
+    ap.add_argument("--over-capacity", type=float, default=1.25,
+                    help="skip a rate above this multiple of the system's burst answers/s "
+                         "(its latency would only measure the queue)")
+    ap.add_argument("--mlserver-workers", type=int, default=0,
+                    help="MLServer's parallel_workers (0: inference in the server process)")
+    ap.add_argument("--bootstrap", help="use this Kafka instead of starting one of our own")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="added to the result file's name")
+    args = ap.parse_args(argv)
+    args.systems = [s for s in args.systems.split(",") if s]
+    if unknown := [s for s in args.systems if s not in SYSTEMS]:
+        ap.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    return args
+
+
+# -- the MLServer virtualenv -------------------------------------------------------------------
+
+def pins() -> list[str]:
+    constraints = dict(line.strip().split("==", 1) for line in
+                       (ROOT / "constraints.txt").read_text().splitlines()
+                       if "==" in line and not line.startswith("#"))
+    return [*MLSERVER_PINS, *(f"{name}=={constraints[name]}" for name in SHARED_PINS)]
+
+
+VERSIONS = """
+import json, sys
+from importlib import metadata
+found = {}
+for name in sys.argv[1:]:
+    try:
+        found[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        pass
+print(json.dumps(found))
+"""
+
+
+def installed(python: Path, names: list[str]) -> dict[str, str]:
+    """The versions of ``names`` installed for ``python`` (those that are)."""
+    if not python.exists():
+        return {}
+    done = subprocess.run([str(python), "-c", VERSIONS, *names], capture_output=True, text=True,
+                          timeout=60)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def ensure_venv() -> dict[str, str]:
+    """.venvs/mlserver with ``pins()`` installed; built or brought to the pins only when they
+    differ. Returns the versions that matter for the figures."""
+    python = VENV / "bin" / "python"
+    wanted = dict(p.split("==") for p in pins())
+    if installed(python, list(wanted)) != wanted:
+        log(f"installing {', '.join(pins())} into {VENV.relative_to(ROOT)}")
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+                           check=True, timeout=600)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins()], check=True,
+                       timeout=1800)
+    return installed(python, [*wanted, "aiokafka", "fastapi", "pydantic"])
+
+
+# -- the request -------------------------------------------------------------------------------
+
+def oip_payload() -> Payload:
+    """Images/sneaker7.png as the model sees it (fmnist's decode), as a [1, 28, 28] UINT8 OIP
+    tensor. No ``id`` in the body: fmnist answers under the request_id header, MLServer under
+    the Kafka key (its handler puts the key in the request's id), the naive worker under the
+    key; all three are the load generator's request id."""
+    pixels = imaging.decode((ROOT / "Images" / IMAGE).read_bytes(), config.load().imaging)
+    data = np.rint(pixels).astype(np.uint8).ravel().tolist()
+    body = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8",
+                        "data": data}]}
+    # mlserver-model names the model an MLServer Kafka request is for (mlserver/kafka/
+    # handlers.py); no mlserver-method header: 1.7.1 compares its value with an Enum, so any
+    # value it is sent fails as "Invalid request method" (mlserver/kafka/server.py).
+    return Payload(json.dumps(body, separators=(",", ":")).encode(), "application/json",
+                   {"mlserver-model": "fmnist"}, ok_marker=b'"outputs"')
+
+
+# -- starting a system -------------------------------------------------------------------------
+
+# MLServer 1.7.1's Kafka mode, as its source says (mlserver/kafka/server.py, handlers.py) - what
+# this benchmark relies on and what a reader comparing figures should know:
+# - one AIOKafkaConsumer on kafka_topic_input with only bootstrap_servers set: no group_id, so
+#   aiokafka joins no group, assigns itself every partition and never commits an offset, and
+#   auto_offset_reset is aiokafka's "latest". A request published while no server is positioned
+#   on the topic (before start-up, during a restart) is never read; one fetched but not
+#   answered when the process stops is lost: at-most-once. Two servers on one topic would each
+#   answer every request (no group to share partitions), so it does not scale out by adding
+#   servers. No security settings reach the clients.
+# - every fetched record becomes an asyncio task at once (schedule_with_callback): no bound on
+#   requests in flight. A request that fails is logged; it gets no answer and no dead letter.
+# - the request needs an `mlserver-model` header (`mlserver-version` optional); its Kafka key
+#   replaces the body's `id`; the answer goes to kafka_topic_output with send_and_wait (one
+#   broker round trip each, aiokafka's defaults: acks=1, linger_ms=0), keyed by that id, its
+#   value the OIP response JSON.
+
+def mlserver_repo(workdir: Path, topics: Topics, bootstrap: str, batch: int,
+                  parallel_workers: int) -> Path:
+    """A model repository folder: settings.json (the server) and fmnist/model-settings.json.
+    Settings are MLServer's defaults but for the Kafka ones, free ports, folders kept out of
+    the work tree, ``debug`` off and its loggers at WARNING: by default it logs a line per
+    Kafka request ("Processed message of type 'infer'", mlserver/kafka/server.py), and fmnist
+    runs --quiet."""
+    repo = workdir / f"mlserver-{topics.request}"
+    (repo / "fmnist").mkdir(parents=True)
+    logging_file = repo / "logging.json"
+    logging_file.write_text(json.dumps({"version": 1, "disable_existing_loggers": False,
+                                        "loggers": {"mlserver": {"level": "WARNING"},
+                                                    "uvicorn": {"level": "WARNING"}}}))
+    settings = {"debug": False, "parallel_workers": parallel_workers,
+                "kafka_enabled": True, "kafka_servers": bootstrap,
+                "kafka_topic_input": topics.request, "kafka_topic_output": topics.response,
+                "http_port": free_port(), "grpc_port": free_port(),
+                "metrics_port": free_port(), "metrics_dir": str(repo / "metrics"),
+                "environments_dir": str(repo / "envs"), "logging_settings": str(logging_file)}
+    model = {"name": "fmnist", "implementation": "mlserver_runtime.FmnistRuntime",
+             "parameters": {"uri": str(ROOT / "weights" / "fmnist.keras")},
+             "max_batch_size": batch, "max_batch_time": 0.002 if batch > 1 else 0.0}
+    (repo / "settings.json").write_text(json.dumps(settings, indent=1))
+    (repo / "fmnist" / "model-settings.json").write_text(json.dumps(model, indent=1))
+    return repo
+
+
+def start(system: str, topics: Topics, bootstrap: str, workdir: Path,
+          args: argparse.Namespace) -> WorkerProcess:
+    log_path = workdir / f"{system}-{topics.request}.log"
+    servers = {"FMNIST_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
+    if system == "fmnist":
+        return WorkerProcess(topics, log_path, env=servers, inherit=True)
+    if system == "naive":
+        return WorkerProcess(topics, log_path, command=[
+            PYTHON, str(PEERS / "naive_worker.py"), bootstrap, topics.request, topics.response,
+            topics.group, str(ROOT / "weights" / "fmnist.keras")], env=servers)
+    repo = mlserver_repo(workdir, topics, bootstrap, 64 if system == "mlserver-b64" else 0,
+                         args.mlserver_workers)
+    return WorkerProcess(topics, log_path, command=[str(VENV / "bin" / "mlserver"), "start",
+                                                    str(repo)],
+                         env={"KERAS_BACKEND": "jax", "PYTHONPATH": str(PEERS)})
+
+
+def stop(proc: WorkerProcess) -> int:
+    """SIGTERM (each system drains or closes on it), then whatever is left of the process
+    group it was started in (MLServer's parallel workers) is killed."""
+    rc = proc.stop(timeout=30)
+    try:
+        os.killpg(proc.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return rc
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (MLServer's inference pool runs in child processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def rss_peak_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return round(total, 1)
+
+
+# -- one round of one system -------------------------------------------------------------------
+
+def ready(gen: LoadGen, proc: WorkerProcess, timeout_s: float) -> float:
+    """Seconds from process start to its first answer. One request a second until one is
+    answered: MLServer's consumer has no group and starts at the log's end, so a request
+    published before it is positioned is never answered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"exited with {proc.proc.returncode}:\n{proc.output()[-3000:]}")
+        rid = gen.send(1)
+        if gen.wait_for(rid, 1.0):
+            return gen.answers[rid[0]].received_at - proc.started
+    raise RuntimeError(f"no answer within {timeout_s:.0f} s:\n{proc.output()[-3000:]}")
+
+
+def measure(system: str, args: argparse.Namespace, bootstrap: str, broker_pid: int | None,
+            workdir: Path) -> dict[str, Any]:
+    topics = Topics("kafka", prefix="peers-")
+    overrides = {"FMNIST_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
+    gen = LoadGen("kafka", topics, overrides, oip_payload())
+    proc = None
+    result: dict[str, Any] = {}
+    try:
+        proc = start(system, topics, bootstrap, workdir, args)
+        result["ready_s"] = ready(gen, proc, READY_S)
+        gen.burst(min(200, args.burst), 120)  # warm every path; not measured
+        pids = {"server": tree(proc.proc.pid), "broker": [broker_pid] if broker_pid else [],
+                "loadgen": [os.getpid()]}
+        before, wall = cpu(pids), time.monotonic()
+        result["burst"] = sat = gen.burst(args.burst, 120 + args.burst / 20)
+        after, wall = cpu(pids), time.monotonic() - wall
+        result["labels"] = sorted({answer_label(m.value) for m in gen.answers.values()},
+                                  key=str)
+        answered = max(1, sat["answered"])
+        sat["cpu_ms_per_answer"] = {k: 1000 * (after[k] - before[k]) / answered for k in pids}
+        busy = {k: (after[k] - before[k]) / wall for k in [*pids, "machine"]}
+        sat["cpu_cores_busy"] = {**{k: busy[k] for k in pids},
+                                 "other": max(0.0, busy["machine"] - sum(busy[k] for k in pids))}
+        capacity = sat.get("answered_per_s") or 0.0
+        result["rates"] = {}
+        for rate in args.rates:
+            if rate > args.over_capacity * capacity:
+                result["rates"][f"{rate:g}"] = {"offered_per_s": rate, "skipped": True}
+                continue
+            result["rates"][f"{rate:g}"] = gen.paced(rate, args.seconds)
+        result["rss_peak_mb"] = rss_peak_mb(tree(proc.proc.pid))
+        result["duplicates"] = gen.duplicates
+    finally:
+        if proc is not None:
+            result["exit_code"] = stop(proc)
+        gen.close()
+    return result
+
+
+def cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {**{k: sum(common.cpu_seconds(p) for p in v) for k, v in pids.items()},
+            "machine": common.machine_busy_seconds()}
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def kafka_version() -> str:
+    pom = (ROOT / "scripts" / "kafka" / "pom.xml").read_text()
+    return pom.split("<kafka.version>", 1)[1].split("<", 1)[0]
+
+
+def own_kafka(workdir: Path) -> OwnKafka:
+    kafka = OwnKafka(workdir / "kafka-state")
+    kafka.up()
+    return kafka
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (ROOT / "weights" / "fmnist.keras").is_file():
+        sys.exit("peers: no weights/fmnist.keras; train them with `fmnist train`.")
+    versions = ensure_venv() if any(s.startswith("mlserver") for s in args.systems) else {}
+    busy = training_running()
+    if busy:
+        log("WARNING: `fmnist train` is running: figures measured now are not valid")
+    settings = config.as_dict(config.load())
+    result: dict[str, Any] = {"meta": {
+        "timestamp": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine(),
+        "libraries": common.libraries(), "mlserver_venv": versions,
+        "command": " ".join(["benchmarks/peers.py", *(sys.argv[1:] if argv is None else argv)]),
+        "systems": args.systems, "rounds": args.rounds, "burst": args.burst,
+        "rates": args.rates, "seconds_per_rate": args.seconds,
+        "over_capacity": args.over_capacity, "mlserver_parallel_workers": args.mlserver_workers,
+        "request": f"Images/{IMAGE} as an OIP [1,28,28] UINT8 tensor (JSON)",
+        "broker": args.bootstrap or f"own Kafka {kafka_version()}, one KRaft node",
+        "fmnist_settings": {"serve": settings["serve"], "kafka": {
+            k: v for k, v in settings["kafka"].items()
+            if k in ("partitions", "linger_ms", "fetch_max_wait_ms", "compression")}},
+        "training_running": busy, "order": []}}
+    rounds: dict[str, list[dict[str, Any] | None]] = {s: [] for s in args.systems}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fmnist-peers-") as tmp:
+        workdir = Path(tmp)
+        kafka = None if args.bootstrap else own_kafka(workdir)
+        bootstrap = args.bootstrap or kafka.address
+        broker_pid = common.listening_pid(int(bootstrap.rsplit(":", 1)[1]))
+        try:
+            for r in range(args.rounds):
+                result["meta"]["order"].append(order(args.systems, r))
+                for system in order(args.systems, r):
+                    log(f"round {r + 1}/{args.rounds}: {system}")
+                    try:
+                        rounds[system].append(measure(system, args, bootstrap, broker_pid,
+                                                      workdir))
+                    except Exception as exc:  # one failed round must not lose the others
+                        log(f"  FAILED: {exc}")
+                        rounds[system].append(None)
+        finally:
+            if kafka is not None:
+                kafka.down()
+    result["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    result["meta"]["training_running"] = busy or training_running()
+    result["summary"] = summarize(rounds)
+    result["ratios"] = ratios(result["summary"], args.rates)
+    result["rounds"] = rounds
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['meta']['timestamp']}{'-' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps(result, indent=1, default=float))
+    table = markdown(result)
+    path.with_suffix(".md").write_text(f"{result['meta']['command']}\n\n{table}\n")
+    print(table)
+    print(f"\nresults: {path}, {path.with_suffix('.md').name}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # processes were stopped and topics deleted on the way out
+        sys.exit(130)
