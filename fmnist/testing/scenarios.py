@@ -173,6 +173,10 @@ def sigterm(broker_name: str, workdir: Path, count: int = 1000) -> tuple[Report,
         return drained, hard
 
 
+# The serving loop's retries; the crash-report thread logs its own, at a fixed pause.
+_LOOP_RETRY = re.compile(r"broker problem: .*?; retrying in ([0-9.]+) s")
+
+
 def kafka_late(kafka: OwnKafka, workdir: Path, count: int = 200) -> Report:
     """The worker starts while Kafka is down: it retries with growing pauses and says so, then
     serves as soon as Kafka is up, without a restart."""
@@ -180,7 +184,7 @@ def kafka_late(kafka: OwnKafka, workdir: Path, count: int = 200) -> Report:
         kafka.down()
     with Run("kafka", workdir, bootstrap=kafka.address) as run:
         worker = run.start_worker()
-        poll_until(lambda: len(re.findall("retrying in", worker.output())) >= 3, timeout=120,
+        poll_until(lambda: len(_LOOP_RETRY.findall(worker.output())) >= 3, timeout=120,
                    interval=0.1, message="three retries")
         up_s = kafka.up()
         run.open()
@@ -188,7 +192,7 @@ def kafka_late(kafka: OwnKafka, workdir: Path, count: int = 200) -> Report:
         run.wait_answered(timeout=120)
         run.drain()
         log = worker.output()
-        waits = [float(w) for w in re.findall(r"retrying in ([0-9.]+) s", log)]
+        waits = [float(w) for w in _LOOP_RETRY.findall(log)]
         return run.report("worker started before Kafka", kafka_up_s=round(up_s, 1), waits=waits,
                           running=worker.proc.poll() is None, log=log,
                           note=f"retried after {', '.join(f'{w:g}' for w in waits)} s; Kafka "
