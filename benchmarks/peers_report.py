@@ -28,15 +28,11 @@ def order(systems: list[str], round_index: int) -> list[str]:
 
 
 def summarize(rounds: dict[str, list[dict[str, Any] | None]]) -> dict[str, Any]:
-    """Per system, the median of its rounds, leaf by leaf (failed rounds are None, left out);
-    a rate skipped in some rounds keeps the medians of the rounds that ran it."""
+    """Per system, the median of its rounds, leaf by leaf (failed rounds are None, left out)."""
     out = {}
     for system, per_round in rounds.items():
         ran = [r for r in per_round if r]
         figures = report.aggregate(ran) or {}
-        for key, rate in (figures.get("rates") or {}).items():
-            measured = [r["rates"][key] for r in ran if not r["rates"].get(key, {}).get("skipped")]
-            figures["rates"][key] = report.aggregate(measured) if measured else rate
         out[system] = {**figures, "rounds": len(ran), "failed_rounds": len(per_round) - len(ran)}
     return out
 
@@ -85,8 +81,6 @@ def markdown(result: dict[str, Any]) -> str:
         return None if value is None else format(value, form)
 
     def latency(x: dict[str, Any]) -> str | None:
-        if x.get("skipped"):
-            return "over capacity"
         if x.get("p50_ms") is None:
             return None
         return (f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f}"
@@ -94,7 +88,10 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines = [row("", [TITLES.get(s, s) for s in systems]), "|---|" + "---|" * len(systems),
              row(f"burst of {meta['burst']:,}, answers/s",
-                 [number(fig(summary[s], "burst", "answered_per_s"), ",.0f") for s in systems])]
+                 [number(fig(summary[s], "burst", "answered_per_s"), ",.0f") for s in systems]),
+             row("burst, steady answers/s (10th to 90th percentile answer)",
+                 [number(fig(summary[s], "burst", "steady_answered_per_s"), ",.0f")
+                  for s in systems])]
     lines += [row(f"p50 / p99 at {r:g} req/s, ms",
                   [latency(fig(summary[s], "rates", f"{r:g}") or {}) for s in systems])
               for r in rates]
