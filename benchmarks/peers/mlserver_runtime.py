@@ -30,6 +30,8 @@ from mlserver.types import InferenceRequest, InferenceResponse
 
 
 def buckets(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch, as fmnist.model.predictor.buckets compiles: the same
+    shapes for the peer. A copy, since MLServer's virtualenv has no fmnist in it."""
     sizes, size = [], 1
     while size < max_batch:
         sizes.append(size)
