@@ -79,20 +79,21 @@ class Target:
 
 
 def describe(value: Any) -> str:
-    """An input in a few words: an image's format and declared size, a batch's costliest."""
+    """An input in a few words: an image's format and declared size, a batch's largest."""
     if isinstance(value, list):
-        parts = [describe(v) for v in value]
-        big = max(parts, key=_pixels, default="nothing")
-        return f"a batch of {len(value)} with {big}"
+        biggest = max(value, key=lambda v: _header(v)[2], default=None)
+        return f"a batch of {len(value)} with " + (describe(biggest) if value else "nothing")
+    fmt, size, _ = _header(value)
     payload = getattr(value, "value", value)
-    fmt = imaging.sniff_format(payload) or "other"
-    size = imaging._header_size(payload, fmt)  # noqa: SLF001 - the header's claim, no decoding
     return f"{fmt} {len(payload):,} B" + (f", header {size[0]}x{size[1]}" if size else "")
 
 
-def _pixels(description: str) -> int:
-    width, _, height = description.rpartition(" ")[2].partition("x")
-    return int(width) * int(height) if width.isdigit() and height.isdigit() else 0
+def _header(value: Any) -> tuple[str, tuple[int, int] | None, int]:
+    """A payload's (or message's) format, the size its header declares and that many pixels."""
+    payload = getattr(value, "value", value)
+    fmt = imaging.sniff_format(payload) or "other"
+    size = imaging._header_size(payload, fmt)  # noqa: SLF001 - the header's claim, no decoding
+    return fmt, size, size[0] * size[1] if size else 0
 
 
 def mib(n: int | None) -> float | None:
