@@ -117,6 +117,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds by thread of a process: ``main`` for its first thread (a worker's serve loop:
+    all of fmnist's Python), the others summed by name with their numbers dropped
+    (``rdk:broker1`` and ``rdk:broker2`` are ``rdk:broker``)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = "main" if task.name == str(pid) else \
+            stat[stat.index("(") + 1:stat.rindex(")")].rstrip("0123456789-_") or "?"
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
+            "SC_CLK_TCK")
+    return out
+
+
 def listening_pid(port: int) -> int | None:
     """The process listening on 127.0.0.1/0.0.0.0 TCP ``port`` (the broker), if we can see it."""
     inodes = set()

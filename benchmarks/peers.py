@@ -12,16 +12,28 @@ topics:
   (benchmarks/peers/mlserver_runtime.py: jit-compiled forward pass, padded batches), batching
   off; ``mlserver-b64``: the same with adaptive batching, 64 requests / 2 ms;
 - ``naive``: one message -> ``model.predict`` -> produce (benchmarks/peers/naive_worker.py),
-  the floor.
+  the floor;
+- ``fmnist-png``: fmnist on the PNG requests of ``Images/`` (what `fmnist send` publishes);
+- ``echo``, ``echo-png``: fmnist's echo worker (benchmarks/echo_worker.py) on either request,
+  for the headline: fmnist's burst answers/s as a share of ``cores ÷ (model CPU per image at
+  the batch fmnist served + the echo's CPU per request)`` (the model's part measured by
+  benchmarks/peers/model_cpu.py after the rounds);
+- with ``--baseline REF``, ``fmnist@REF`` and ``fmnist-png@REF``: fmnist as of git commit REF
+  (its tree exported to the work folder, same virtualenv), so a change is measured before and
+  after in one run;
+- with ``--variant NAME:KEY=VALUE[,KEY=VALUE]``, ``fmnist+NAME`` and ``fmnist-png+NAME``: fmnist
+  with those settings (``serve.max_wait_ms=2``), the load generator unchanged.
 
 MLServer runs in `.venvs/mlserver`, built here when missing or off its pins (it is not a
 dependency of fmnist), with keras, jax, jaxlib and numpy at constraints.txt's versions.
 
-Every system gets the same request: Images/sneaker7.png as an Open Inference Protocol
-[1, 28, 28] UINT8 tensor (JSON), sent by benchmarks/loadgen.py with the same headers (fmnist's
-plus ``mlserver-model``). Per system and round: wait until it answers, warm up, one saturation
-burst (answers/s, and each process's CPU over it), then open-loop latency at each ``--rates``
-for ``--seconds``.
+Every system but the ``-png`` ones gets the same request: Images/sneaker7.png as an Open
+Inference Protocol [1, 28, 28] UINT8 tensor (JSON), sent by benchmarks/loadgen.py with the same
+headers (fmnist's plus ``mlserver-model``). Per system and round: wait until it answers, warm
+up, one saturation burst (answers/s, each process's CPU over it, and for fmnist its serve
+loop's thread and its batch sizes), then open-loop latency at each ``--rates`` for
+``--seconds``; a rate over twice the system's burst answers/s in that round is not offered
+(it would only queue), nor any to the echoes.
 Rounds alternate the order of the systems; every figure is the median of ``--rounds``. Writes
 benchmarks/results/peers/<timestamp>.json (with the command) and .md, and prints the markdown
 table with fmnist / peer ratios (benchmarks/peers_report.py).
@@ -37,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +57,7 @@ import common
 import numpy as np
 from common import PYTHON, ROOT, machine, training_running
 from loadgen import LoadGen, Payload
-from peers_report import answer_label, markdown, order, ratios, summarize
+from peers_report import answer_label, headline, markdown, order, ratios, summarize
 
 from fmnist import config, imaging
 from fmnist.testing.processes import WorkerProcess
@@ -60,7 +73,7 @@ VENV = ROOT / ".venvs" / "mlserver"
 # loads a model (--mlserver-workers 1 needs this pin).
 MLSERVER_PINS = ("mlserver==1.7.1", "uvloop==0.21.0")
 SHARED_PINS = ("keras", "jax", "jaxlib", "numpy")  # at constraints.txt's versions
-SYSTEMS = ("fmnist", "mlserver", "mlserver-b64", "naive")
+SYSTEMS = ("fmnist", "fmnist-png", "mlserver", "mlserver-b64", "naive", "echo", "echo-png")
 IMAGE = "sneaker7.png"
 READY_S = 180
 
@@ -84,11 +97,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                "repository) here, not in a temporary folder")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="added to the result file's name")
+    ap.add_argument("--baseline", help="also measure fmnist as of this git commit")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also measure fmnist with these settings; repeatable")
     args = ap.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
     if unknown := [s for s in args.systems if s not in SYSTEMS]:
         ap.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if args.baseline:
+        args.baseline = subprocess.run(["git", "rev-parse", "--short", args.baseline],
+                                       cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    variants: dict[str, dict[str, str]] = {}
+    for spec in args.variant:
+        name, _, settings = spec.partition(":")
+        try:
+            variants[name] = {config.env_name(k): v for k, v in
+                              (kv.split("=", 1) for kv in settings.split(",") if kv)}
+        except ValueError:
+            ap.error(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    args.variants = variants
+    ours = [s for s in args.systems if s.startswith("fmnist")]
+    extra = {s: [f"{s}@{args.baseline}"] if args.baseline else [] for s in ours}
+    for s in ours:
+        extra[s] += [f"{s}+{name}" for name in variants]
+    args.systems = [x for s in args.systems for x in [s, *extra.get(s, [])]]
     return args
+
+
+def export_tree(ref: str, workdir: Path) -> Path:
+    """The files of commit ``ref`` (weights included) in a folder of the work dir."""
+    tree = workdir / f"fmnist-{ref}"
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 # -- the MLServer virtualenv -------------------------------------------------------------------
@@ -202,11 +247,23 @@ def mlserver_repo(workdir: Path, topics: Topics, bootstrap: str, batch: int,
 
 
 def start(system: str, topics: Topics, bootstrap: str, workdir: Path,
-          args: argparse.Namespace) -> WorkerProcess:
-    log_path = workdir / f"{system}-{topics.request}.log"
+          args: argparse.Namespace, metrics_port: int) -> WorkerProcess:
+    log_path = workdir / f"{system.replace('@', '-')}-{topics.request}.log"
     servers = {"FMNIST_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
-    if system == "fmnist":
-        return WorkerProcess(topics, log_path, env=servers, inherit=True)
+    name, _, ref = system.partition("@")
+    name, _, variant = name.partition("+")
+    if name.startswith("fmnist"):
+        env = {**servers, "FMNIST_SERVE__METRICS_PORT": str(metrics_port),
+               **args.variants.get(variant, {})}
+        if not ref:
+            return WorkerProcess(topics, log_path, env=env, inherit=True)
+        # -P: not the work tree's fmnist (python -m puts the current folder first), but REF's
+        tree = export_tree(ref, workdir)
+        return WorkerProcess(topics, log_path, env={**env, "PYTHONPATH": str(tree)},
+                             inherit=True, command=[PYTHON, "-P", "-m", "fmnist", "serve",
+                                                    "--quiet"])
+    if name.startswith("echo"):
+        return common.WorkerProcess("echo", topics, servers, log_path)
     if system == "naive":
         return WorkerProcess(topics, log_path, command=[
             PYTHON, str(PEERS / "naive_worker.py"), bootstrap, topics.request, topics.response,
@@ -271,22 +328,48 @@ def ready(gen: LoadGen, proc: WorkerProcess, timeout_s: float) -> float:
     raise RuntimeError(f"no answer within {timeout_s:.0f} s:\n{proc.output()[-3000:]}")
 
 
+def batch_totals(port: int) -> tuple[float, float] | None:
+    """(requests, batches) a worker has answered, from its /metrics (fmnist_batch_size)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    found = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for part in found:
+            if line.startswith(f"fmnist_batch_size_{part}"):
+                found[part] += float(line.rsplit(" ", 1)[1])
+    return found["sum"], found["count"]
+
+
 def measure(system: str, args: argparse.Namespace, bootstrap: str, broker_pid: int | None,
             workdir: Path) -> dict[str, Any]:
     topics = Topics("kafka", prefix="peers-")
     overrides = {"FMNIST_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
-    gen = LoadGen("kafka", topics, overrides, oip_payload())
+    png = system.partition("@")[0].partition("+")[0].endswith("-png")
+    gen = LoadGen("kafka", topics, overrides, None if png else oip_payload())
     proc = None
     result: dict[str, Any] = {}
+    metrics_port = free_port()
     try:
-        proc = start(system, topics, bootstrap, workdir, args)
+        proc = start(system, topics, bootstrap, workdir, args, metrics_port)
         result["ready_s"] = ready(gen, proc, READY_S)
         gen.burst(min(200, args.burst), 120)  # warm every path; not measured
         pids = {"server": tree(proc.proc.pid), "broker": [broker_pid] if broker_pid else [],
                 "loadgen": [os.getpid()]}
+        fmnist = system.startswith("fmnist")
+        threads, batches = common.thread_cpu_seconds(proc.proc.pid), batch_totals(metrics_port)
         before, wall, began = cpu(pids), time.monotonic(), time.time()
         result["burst"] = sat = gen.burst(args.burst, 120 + args.burst / 20)
         after, wall = cpu(pids), time.monotonic() - wall
+        if fmnist:  # the serve loop's own thread, and the batches it formed
+            used = common.thread_cpu_seconds(proc.proc.pid)
+            sat["thread_us_per_answer"] = {
+                k: round(1e6 * (v - threads.get(k, 0.0)) / max(1, sat["answered"]), 1)
+                for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
+            if batches and (later := batch_totals(metrics_port)) and later[1] > batches[1]:
+                sat["batch_mean"] = (later[0] - batches[0]) / (later[1] - batches[1])
         # every earlier answer arrived before the burst began (each phase waits for its own)
         sat["first_answer_s"] = min((m.received_at for m in list(gen.answers.values())
                                      if m.received_at >= began), default=began) - began
@@ -299,8 +382,10 @@ def measure(system: str, args: argparse.Namespace, bootstrap: str, broker_pid: i
                                  "other": max(0.0, busy["machine"] - sum(busy[k] for k in pids))}
         # A rate over a system's capacity is measured too: its queue grows for --seconds and
         # drains after (the figures say "not sustained"); rates run lowest first.
+        capacity = sat.get("answered_per_s") or 0.0
         result["rates"] = {f"{rate:g}": gen.paced(rate, args.seconds)
-                           for rate in sorted(args.rates)}
+                           for rate in sorted(args.rates)
+                           if not system.startswith("echo") and rate <= 2 * capacity}
         result["rss_peak_mb"] = rss_peak_mb(tree(proc.proc.pid))
         result["duplicates"] = gen.duplicates
     finally:
@@ -333,6 +418,24 @@ def cpu(pids: dict[str, list[int]]) -> dict[str, float]:
             "machine": common.machine_busy_seconds()}
 
 
+def model_cpu(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The forward pass's CPU per image at the batch each of ours served in its burst
+    (benchmarks/peers/model_cpu.py, on an otherwise idle machine, after the rounds)."""
+    served = {s: round(b) for s in ("fmnist", "fmnist-png")
+              if (b := (summary.get(s) or {}).get("burst", {}).get("batch_mean"))}
+    if not served:
+        return {}
+    log(f"model CPU per image at batch {sorted(set(served.values()))}")
+    done = subprocess.run([PYTHON, str(PEERS / "model_cpu.py"),
+                           *map(str, sorted(set(served.values())))],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if done.returncode != 0:
+        log(f"  FAILED: {done.stderr[-2000:]}")
+        return {}
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return {s: {"batch": b, **figures[str(b)]} for s, b in served.items()}
+
+
 # -- main --------------------------------------------------------------------------------------
 
 def kafka_version() -> str:
@@ -361,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["benchmarks/peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "systems": args.systems, "rounds": args.rounds, "burst": args.burst,
         "rates": args.rates, "seconds_per_rate": args.seconds,
-        "mlserver_parallel_workers": args.mlserver_workers,
+        "mlserver_parallel_workers": args.mlserver_workers, "variants": args.variants,
         "request": f"Images/{IMAGE} as an OIP [1,28,28] UINT8 tensor (JSON)",
         "broker": args.bootstrap or f"own Kafka {kafka_version()}, one KRaft node",
         "fmnist_settings": {"serve": settings["serve"], "kafka": {
@@ -396,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     result["meta"]["training_running"] = busy or training_running()
     result["summary"] = summarize(rounds)
     result["ratios"] = ratios(result["summary"], args.rates)
+    result["model_cpu"] = model_cpu(result["summary"])
+    result["headline"] = headline(result["summary"], {
+        s: result["model_cpu"][s]["cpu_us_per_image"] for s in result["model_cpu"]},
+        os.cpu_count() or 1)
     result["rounds"] = rounds
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{result['meta']['timestamp']}{'-' + args.tag if args.tag else ''}.json"

@@ -46,9 +46,36 @@ def test_summary_is_the_median_of_the_rounds_that_ran() -> None:
 def test_ratios_are_fmnist_over_each_peer() -> None:
     summary = peers_report.summarize({"fmnist": [one_round(3000, 0.4, 7, 10)],
                                "mlserver": [one_round(600, 1.6, 5, 20)]})
-    assert peers_report.ratios(summary, [200.0]) == {"mlserver": {
+    assert peers_report.ratios(summary, [200.0]) == {"fmnist ÷ mlserver": {
         "answers_per_s": 5.0, "cpu_per_answer": 0.25, "p50_ms@200": 1.4, "p99_ms@200": 0.5}}
     assert peers_report.ratios({"mlserver": summary["mlserver"]}, [200.0]) == {}  # no fmnist, none
+
+
+def test_ratios_compare_a_build_with_its_baseline_not_with_another_request() -> None:
+    summary = peers_report.summarize({
+        "fmnist-png": [one_round(4000, 0.3, 5, 8)], "fmnist-png@abc123": [one_round(2000, 0.4, 10, 16)],
+        "fmnist@abc123": [one_round(1000, 0.5, 5, 8)], "echo": [one_round(9000, 0.1, 3, 4)]})
+    assert list(peers_report.ratios(summary, [200.0])) == ["fmnist-png ÷ fmnist-png@abc123"]
+    assert peers_report.ratios(summary, [200.0])["fmnist-png ÷ fmnist-png@abc123"][
+        "answers_per_s"] == 2.0
+    assert peers_report.title("fmnist-png@abc123") == "fmnist (PNG) at abc123"
+
+
+def test_headline_is_the_share_of_cores_over_model_plus_echo_cpu() -> None:
+    ours = one_round(2400, 0.35, 5, 8)
+    ours["burst"]["batch_mean"] = 180.0
+    echo = one_round(15000, 0.0, 3, 4)
+    echo["burst"]["cpu_ms_per_answer"] = {"server": 0.03, "broker": 0.03, "loadgen": 0.04}
+    summary = peers_report.summarize({"fmnist": [ours], "echo": [echo]})
+    top = peers_report.headline(summary, {"fmnist": 300.0}, cores=2)
+    # 2 cores / (300 + 100 µs) = 5,000 a second; 2,400 is 48 % of it
+    assert top == {"fmnist": {"answers_per_s": 2400, "served_batch": 180.0,
+                              "model_cpu_us_per_image": 300.0, "echo_cpu_us_per_request": 100.0,
+                              "cores": 2, "limit_per_s": 5000, "share": 0.48}}
+    assert peers_report.headline(summary, {}, cores=2) == {}  # no model figure, no headline
+    text = peers_report.markdown({"meta": {"burst": 5000, "rates": []}, "summary": summary,
+                                  "ratios": {}, "headline": top})
+    assert "| share of the limit | 48.0% |" in text
 
 
 def test_table_has_a_column_per_system_and_a_ratio_table() -> None:
@@ -63,6 +90,7 @@ def test_table_has_a_column_per_system_and_a_ratio_table() -> None:
             in text)
     assert "| CPU per answer in the burst, ms | 0.39 | 3.60 |" in text
     assert "| answers/s (above 1: fmnist answers more) | 16.76 |" in text
+    assert "| ratio | fmnist (OIP) ÷ naive worker |" in text
 
 
 def test_answer_label_reads_an_oip_answer() -> None:
