@@ -144,16 +144,63 @@ def decode(payload: bytes, cfg: ImagingConfig) -> np.ndarray:
 def decode_many(payloads: Iterable[bytes], cfg: ImagingConfig) -> Decoded:
     """Decode a batch. ``pixels`` holds the good images, in input order, as [n, 28, 28, 1];
     ``errors`` the (index, ImageError) of the others, so ``len(pixels) + len(errors)`` is the
-    number of payloads and the rows of ``pixels`` are the indices not in ``errors``."""
-    good: list[np.ndarray] = []
+    number of payloads and the rows of ``pixels`` are the indices not in ``errors``.
+
+    The same pixels and errors as ``decode`` of each, at less cost per image: the common
+    request (a 28x28 8-bit greyscale PNG that ``png.decode_grey`` vouches for) is inflated on
+    its own and then inverted and converted with the rest of the batch in a few array
+    operations; every other payload goes through ``decode`` (docs/decisions.md#batch-decode).
+    """
+    payloads = list(payloads)
+    pixels = np.empty((len(payloads), SIZE, SIZE), np.float32)
     errors: list[tuple[int, ImageError]] = []
+    common_rows: list[int] = []
+    common: list[np.ndarray] = []
+    fast = _fast_png_allowed(cfg)
+    row = 0
     for index, payload in enumerate(payloads):
+        grey = png.decode_grey(payload) if fast and 0 < len(payload) <= cfg.max_payload_bytes \
+            and payload.startswith(png.SIGNATURE) else None
         try:
-            good.append(decode(payload, cfg))
+            if grey is None:
+                pixels[row] = decode(payload, cfg)
+            elif grey.shape == (SIZE, SIZE):
+                common_rows.append(row)
+                common.append(grey)
+            else:  # a PNG of another size: trimmed and scaled as decode does
+                pixels[row] = _to_model_input(grey, None, cfg.invert)
         except ImageError as exc:
             errors.append((index, exc))
-    pixels = np.stack(good) if good else np.zeros((0, SIZE, SIZE), np.float32)
-    return Decoded(pixels[..., np.newaxis], errors)
+            continue
+        row += 1
+    if common:
+        pixels[common_rows] = _to_model_inputs(np.stack(common), cfg.invert)
+    return Decoded(pixels[:row, ..., np.newaxis], errors)
+
+
+def _fast_png_allowed(cfg: ImagingConfig) -> bool:
+    """Whether every PNG that ``png.decode_grey`` reads passes the checks ``decode`` makes
+    before it: PNG allowed, within the pixel limit, settings valid (``decode`` raises for bad
+    ones, so the batch goes through it then)."""
+    if cfg.invert not in INVERT_MODES or ImageFile.LOAD_TRUNCATED_IMAGES:
+        return False
+    return "PNG" in (f.upper() for f in cfg.allowed_formats) and \
+        _pixel_limit(cfg)[0] >= png.MAX_PIXELS
+
+
+def _to_model_inputs(greys: np.ndarray, mode: str) -> np.ndarray:
+    """``_to_model_input`` of [n, 28, 28] uint8 images without alpha, as one array operation:
+    the same median-of-the-border test (``_light_background``), for every image at once."""
+    if mode == "auto":
+        border = np.concatenate((greys[:, 0], greys[:, -1], greys[:, 1:-1, 0],
+                                 greys[:, 1:-1, -1]), axis=1)
+        border.sort(axis=1)
+        mid = border.shape[1] // 2  # 108 values: the median is the mean of the middle two
+        invert = border[:, mid - 1].astype(np.int16) + border[:, mid] > 2 * 127
+        greys = np.where(invert[:, None, None], 255 - greys, greys)
+    elif mode == "always":
+        greys = 255 - greys
+    return greys.astype(np.float32)
 
 
 def _check_format(payload: bytes, cfg: ImagingConfig) -> str:

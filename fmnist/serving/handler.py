@@ -101,50 +101,97 @@ class PredictionHandler:
         predictor = self.predictor  # read once: a hot reload swaps models between batches
         requests: list[protocol.Request] = []
         errors: dict[int, protocol.RequestError] = {}
-        rows: list[np.ndarray] = []
-        spans: dict[int, tuple[int, int, str | None]] = {}  # i -> (first row, rows, OIP id)
-        n_rows = 0
+        is_oip: list[bool] = []
         for i, message in enumerate(messages):
             request, error = protocol.parse_request(message, self.cfg.broker.response_topic)
             requests.append(request)
-            if error is None:
-                try:
-                    oip_id, pixels = self._decode(request)
-                    spans[i] = (n_rows, len(pixels), oip_id)
-                    rows.append(pixels)
-                    n_rows += len(pixels)
-                    continue
-                except protocol.RequestError as exc:
-                    error = exc
-                except ImageError as exc:
-                    error = protocol.RequestError(exc.code, exc.message)
-                except Exception as exc:  # a decoder bug must not take the batch down
-                    log.exception("unexpected decode failure",
-                                  extra={"request_id": request.request_id})
-                    error = protocol.RequestError("internal_error", f"decode failed: {exc}")
-            errors[i] = error
+            is_oip.append(oip.is_oip(request.content_type, message.value))
+            if error is not None:
+                errors[i] = error
+        pixels, spans = self._decode(requests, is_oip, errors)
 
         started = time.perf_counter()
         collect = None
-        if rows:
+        if len(pixels):
             try:
-                collect = predictor.start(np.concatenate(rows))
+                collect = predictor.start(pixels)
             except Exception as exc:  # model failure: every request still gets an answer
-                _inference_failed(exc, n_rows, spans, errors)
+                _inference_failed(exc, len(pixels), spans, errors)
 
         def finish() -> BatchResult:
             probs = np.empty((0, 10), np.float32)
             if collect is not None:
                 try:
                     probs = collect()
-                    assert len(probs) == n_rows, "a batch must return one result per input"
+                    assert len(probs) == len(pixels), "a batch must return one result per input"
                 except Exception as exc:
-                    _inference_failed(exc, n_rows, spans, errors)
+                    _inference_failed(exc, len(pixels), spans, errors)
             # Dispatch to results: the forward pass, and whatever the loop did meanwhile.
-            inference_ms = (time.perf_counter() - started) * 1000 if rows else 0.0
-            return self._answers(requests, errors, spans, probs, inference_ms, predictor)
+            inference_ms = (time.perf_counter() - started) * 1000 if collect else 0.0
+            return self._answers(requests, is_oip, errors, spans, probs, inference_ms,
+                                 predictor)
 
         return Prepared(messages, finish, predictor)
+
+    def _decode(self, requests: list[protocol.Request], is_oip: list[bool],
+                errors: dict[int, protocol.RequestError]
+                ) -> tuple[np.ndarray, dict[int, tuple[int, int, str | None]]]:
+        """The pixels [rows, 28, 28] of the requests not in ``errors`` (their errors added
+        there), and where each request's rows are: i -> (first row, rows, OIP id). Image
+        requests are decoded together (``imaging.decode_many``), OIP tensors one by one."""
+        images = [i for i in range(len(requests)) if not is_oip[i] and i not in errors]
+        decoded: dict[int, np.ndarray] = {}
+        if images:
+            try:
+                batch = imaging.decode_many([requests[i].message.value for i in images],
+                                            self.cfg.imaging)
+                bad = {images[index]: exc for index, exc in batch.errors}
+                for i, exc in bad.items():
+                    errors[i] = protocol.RequestError(exc.code, exc.message)
+                good = [i for i in images if i not in bad]
+                if len(good) == len(requests):  # the common batch: images only, all good
+                    return batch.pixels[..., 0], {i: (i, 1, None) for i in good}
+                decoded = dict(zip(good, batch.pixels[:, np.newaxis, :, :, 0], strict=True))
+            except Exception:  # a decoder bug must not take the batch down: one at a time
+                log.exception("batch decode failed; decoding its images one by one")
+                decoded = {}
+                for i in images:
+                    try:
+                        decoded[i] = imaging.decode(requests[i].message.value,
+                                                    self.cfg.imaging)[None]
+                    except ImageError as exc:
+                        errors[i] = protocol.RequestError(exc.code, exc.message)
+                    except Exception as exc:
+                        log.exception("unexpected decode failure",
+                                      extra={"request_id": requests[i].request_id})
+                        errors[i] = protocol.RequestError("internal_error",
+                                                          f"decode failed: {exc}")
+        rows: list[np.ndarray] = []
+        spans: dict[int, tuple[int, int, str | None]] = {}
+        n_rows = 0
+        for i, request in enumerate(requests):
+            oip_id = None
+            if i in errors:
+                continue
+            if is_oip[i]:
+                try:
+                    oip_id, pixels = self._oip_tensor(request)
+                except protocol.RequestError as exc:
+                    errors[i] = exc
+                    continue
+                except Exception as exc:  # a parser bug must not take the batch down
+                    log.exception("unexpected decode failure",
+                                  extra={"request_id": request.request_id})
+                    errors[i] = protocol.RequestError("internal_error", f"decode failed: {exc}")
+                    continue
+            elif i in decoded:
+                pixels = decoded[i]
+            else:
+                continue
+            spans[i] = (n_rows, len(pixels), oip_id)
+            rows.append(pixels)
+            n_rows += len(pixels)
+        return (np.concatenate(rows) if rows else np.empty((0, 28, 28), np.float32)), spans
 
     def refuse(self, messages: list[Message], error: protocol.RequestError) -> BatchResult:
         """Answer every one of ``messages`` with ``error`` (and dead-letter it) without
@@ -152,10 +199,13 @@ class PredictionHandler:
         crashed workers (fmnist/serving/crashes.py)."""
         requests = [protocol.parse_request(m, self.cfg.broker.response_topic)[0]
                     for m in messages]
-        return self._answers(requests, dict.fromkeys(range(len(requests)), error), {},
+        return self._answers(requests, [oip.is_oip(r.content_type, r.message.value)
+                                        for r in requests],
+                             dict.fromkeys(range(len(requests)), error), {},
                              np.empty((0, 10), np.float32), 0.0, self.predictor)
 
-    def _answers(self, requests: list[protocol.Request], errors: dict[int, protocol.RequestError],
+    def _answers(self, requests: list[protocol.Request], is_oip: list[bool],
+                 errors: dict[int, protocol.RequestError],
                  spans: dict[int, tuple[int, int, str | None]], probs: np.ndarray,
                  inference_ms: float, predictor: BatchPredictor) -> BatchResult:
         """One answer per request (and a dead letter per failed one), in request order."""
@@ -169,7 +219,7 @@ class PredictionHandler:
             body = None
             prediction = None
             noted = None
-            if oip.is_oip(request.content_type, request.message.value):
+            if is_oip[i]:
                 body = ({"error": f"{error.code}: {error.message}"} if error else
                         oip.response(model["name"], model["version"],
                                      spans[i][2] or request.request_id,
@@ -226,16 +276,14 @@ class PredictionHandler:
         headers["dlq_payload_bytes"] = str(len(letter.value))
         return OutMessage(letter.topic, letter.value[:cap], key=letter.key, headers=headers)
 
-    def _decode(self, request: protocol.Request) -> tuple[str | None, np.ndarray]:
-        """Pixels [k, 28, 28] of one request: an image file, or an OIP tensor body."""
+    def _oip_tensor(self, request: protocol.Request) -> tuple[str | None, np.ndarray]:
+        """The id and pixels [k, 28, 28] of an OIP tensor body."""
         payload = request.message.value
-        if oip.is_oip(request.content_type, payload):
-            if len(payload) > self.cfg.imaging.max_payload_bytes:
-                raise protocol.RequestError(
-                    "payload_too_large", f"{len(payload):,} bytes is over the limit of "
-                    f"{self.cfg.imaging.max_payload_bytes:,} (imaging.max_payload_bytes)")
-            return oip.parse(payload)
-        return None, imaging.decode(payload, self.cfg.imaging)[None]
+        if len(payload) > self.cfg.imaging.max_payload_bytes:
+            raise protocol.RequestError(
+                "payload_too_large", f"{len(payload):,} bytes is over the limit of "
+                f"{self.cfg.imaging.max_payload_bytes:,} (imaging.max_payload_bytes)")
+        return oip.parse(payload)
 
 
 def _inference_failed(exc: Exception, n_rows: int, spans: dict[int, tuple[int, int, str | None]],

@@ -492,6 +492,34 @@ def test_decode_many_keeps_order_and_reports_errors(test_split: data.Split) -> N
     assert none.pixels.shape == (0, 28, 28, 1) and none.errors == []
 
 
+@pytest.mark.parametrize("invert", ["auto", "always", "never"])
+def test_decode_many_gives_what_decode_gives_for_each(test_split: data.Split, invert: str) -> None:
+    """The batch path (28x28 greyscale PNGs inverted and converted together) against ``decode``
+    one by one: dark and light backgrounds, borders whose median is at the threshold, other
+    sizes, modes and formats, and bad payloads, mixed in one batch."""
+    cfg = dataclasses.replace(CFG, invert=invert)
+    images = test_split.images[:200]
+    edge = np.zeros((28, 28), np.uint8)
+    edge[0, :] = edge[-1, :] = 127  # 56 of the 108 border pixels at 127, the rest 0 or 128
+    edge[1:-1, 0], edge[1:-1, -1] = 128, 0
+    payloads = [encode(Image.fromarray(image)) for image in images[:100]]
+    payloads += [encode(Image.fromarray(255 - image)) for image in images[100:]]
+    payloads += [encode(Image.fromarray(edge)), encode(Image.fromarray(edge + 1)),
+                 encode(Image.fromarray(images[0]).resize((40, 30))), b"", EPS,
+                 encode(Image.fromarray(images[1]).convert("RGB")),
+                 encode(Image.fromarray(images[2]), "JPEG"), encode(Image.fromarray(images[3]))[:60]]
+    pixels, errors = imaging.decode_many(payloads, cfg)
+    expected, codes = [], []
+    for index, payload in enumerate(payloads):
+        try:
+            expected.append(imaging.decode(payload, cfg))
+        except ImageError as exc:
+            codes.append((index, exc.code, exc.message))
+    assert [(i, e.code, e.message) for i, e in errors] == codes
+    assert len(codes) == 3
+    np.testing.assert_array_equal(pixels[..., 0], np.stack(expected))
+
+
 # --- the committed sample images --------------------------------------------------------------
 
 
