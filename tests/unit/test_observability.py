@@ -7,11 +7,18 @@ import logging
 import threading
 import time
 
-from prometheus_client import generate_latest
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from fmnist.errors import ModelError
 from fmnist.logs import JsonFormatter
-from fmnist.serving.metrics import HealthServer, InstrumentedConsumer, Metrics
+from fmnist.serving.metrics import (
+    LATENCY_BUCKETS,
+    BatchHistogram,
+    HealthServer,
+    InstrumentedConsumer,
+    Metrics,
+)
 from fmnist.serving.reload import Reloader
 from fmnist.testing.waiting import http_get as get
 from tests.fakes import BrightnessPredictor
@@ -54,6 +61,23 @@ def test_counters_move_by_exactly_the_requests_answered(cfg) -> None:  # noqa: F
         assert status["processed"] == 9 and status["errors"] == 2 and status["ready"] is True
     finally:
         server.stop()
+
+
+def test_a_batch_histogram_exposes_what_prometheus_clients_histogram_does() -> None:
+    """Same values, one batch at a time against one at a time: the same text, bounds included
+    (a value equal to a bound counts in that bucket)."""
+    values = np.array([0.0, 0.0005, 0.0007, 0.002, 0.0199, 0.5, 3.0, 10.0, 11.0, 250.0])
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batch = BatchHistogram("fmnist_x_seconds", "A test.", LATENCY_BUCKETS, ours)
+    single = Histogram("fmnist_x_seconds", "A test.", buckets=LATENCY_BUCKETS, registry=theirs)
+    batch.observe_many(values[:4])
+    batch.observe_many(values[4:])
+    batch.observe_many(np.array([]))
+    for value in values:
+        single.observe(value)
+    lines = [line for line in generate_latest(theirs).decode().splitlines()
+             if "_created" not in line]
+    assert generate_latest(ours).decode().splitlines() == lines
 
 
 def test_health_turns_red_when_the_loop_is_stuck_and_ready_needs_the_broker(cfg) -> None:  # noqa: F811
