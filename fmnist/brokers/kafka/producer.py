@@ -33,11 +33,9 @@ class KafkaTopicProducer:
         topic = messages[0].topic if messages else "-"
         with self.broker.translated(f"send to {topic}", {"Topic": ("Write", topic)}):
             for m in messages:
-                key = None if m.key is None else m.key.encode()
-                headers = [(name, value.encode()) for name, value in m.headers.items()]
                 while True:
-                    try:
-                        produce(m.topic, m.value, key, headers=headers, on_delivery=report)
+                    try:  # str key and header values: the client encodes them (UTF-8) in C
+                        produce(m.topic, m.value, m.key, headers=m.headers, on_delivery=report)
                         break
                     except BufferError:  # librdkafka's queue is full: let it drain
                         if time.monotonic() >= deadline:
