@@ -9,10 +9,10 @@ the same dead-lettering as any bad request.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from fmnist.serving.protocol import RequestError
 
@@ -27,12 +27,12 @@ def is_oip(content_type: str, payload: bytes) -> bool:
 
 def parse(payload: bytes) -> tuple[str | None, np.ndarray]:
     """An OIP inference request -> (its id, pixels [N, 28, 28] float32 in 0..255)."""
-    try:
-        body = json.loads(payload)
-    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer over Python's 4300
-    # digits; RecursionError, nesting deeper than the interpreter's stack ("[" * 100000).
-    # Either would otherwise leave as internal_error, not the client's invalid_request.
-    except (ValueError, RecursionError) as exc:
+    try:  # orjson: a sixth of json.loads's time for 784 numbers (docs/decisions.md#oip-orjson)
+        body = orjson.loads(payload)
+    # orjson's JSONDecodeError, a ValueError: bad JSON or UTF-8, nesting deeper than 1024
+    # levels, a number beyond float64. Uncaught, it would leave as internal_error, not the
+    # client's invalid_request.
+    except ValueError as exc:
         raise RequestError("invalid_request", f"body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise RequestError("invalid_request", "an inference request needs a non-empty `inputs` list")
