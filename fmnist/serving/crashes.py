@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from fmnist.brokers import Broker, Consumer, Message, OutMessage, Producer
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ConfigError
@@ -133,8 +135,9 @@ class Journal:
                 "(docs/reliability.md#crash-loops).") from None
         head = json.dumps({"topic": topic, "group": group, "worker_id": worker_id,
                            "pid": os.getpid()})
-        self._head = head[:-1] + ', "in_flight": '
+        self._head = (head[:-1] + ', "in_flight": ').encode()
         self._batches: dict[int, list[str]] = {}
+        self._encoded: dict[int, bytes] = {}  # each batch's JSON, made once, not at every write
         self._history: dict[int, History] = {}
         self._next = 0
         self._write()
@@ -143,6 +146,7 @@ class Journal:
         """``history``: what is known of these requests' earlier deaths (suspects only)."""
         token, self._next = self._next, self._next + 1
         self._batches[token] = sources
+        self._encoded[token] = orjson.dumps(sources)
         if history:
             self._history[token] = history
         self._write()
@@ -150,6 +154,7 @@ class Journal:
 
     def remove(self, token: int) -> None:
         self._history.pop(token, None)
+        self._encoded.pop(token, None)
         if self._batches.pop(token, None) is not None:
             self._write()
 
@@ -160,8 +165,8 @@ class Journal:
         # One line; a longer earlier line's tail past it is cut by the truncate, and a reader
         # takes the first line only should the process die between the two calls.
         history = {s: h for known in self._history.values() for s, h in known.items()}
-        line = (self._head + json.dumps(list(self._batches.values())) + ', "history": '
-                + json.dumps(history) + "}\n").encode()
+        line = b"".join((self._head, b"[", b",".join(self._encoded.values()),
+                         b'], "history": ', orjson.dumps(history), b"}\n"))
         os.pwrite(self._fd, line, 0)
         os.ftruncate(self._fd, len(line))
 
