@@ -187,6 +187,7 @@ class FencedHandle:
 def test_a_fenced_commit_stops_the_worker_too(member_of: Any) -> None:
     member = member_of("worker-0")
     real, member._consumer = member._consumer, FencedHandle(member._consumer)
+    member._held = frozenset({0})  # partition 0 assigned, as the rebalance callback records it
     try:
         with pytest.raises(ConfigError):
             member.commit([Message(b"", {}, None, "req", "req/0/4", None, 0.0, handle=(0, 4, 1))])

@@ -47,7 +47,9 @@ class KafkaTopicConsumer:
     request.
     """
 
-    _held: frozenset[int] = frozenset()  # what the rebalance callbacks gave us, for their logs
+    # What the rebalance callbacks gave us: for their logs, and what a commit may cover (kept
+    # here, not asked of librdkafka's assignment(), a round trip to its thread, per commit)
+    _held: frozenset[int] = frozenset()
     _revoked_at: float | None = None  # when a rebalance under way revoked some (``commit``)
     _assigns_to_settle = 0  # assignments until that rebalance ends (``_revoked``)
     _logged: frozenset[int] | None = None  # the assignment the last log line named
@@ -322,7 +324,7 @@ class KafkaTopicConsumer:
         for m in messages:
             partition, offset, epoch = m.handle
             by_partition.setdefault(partition, []).append((offset, epoch))
-        owned = self.assigned()
+        owned = self._held
         if lost := sorted(p for p in by_partition if p not in owned):
             log.warning("group %s no longer owns %s; its new owner delivers those messages "
                         "again", self.group, ", ".join(f"{self.topic}/{p}" for p in lost))
@@ -357,7 +359,7 @@ class KafkaTopicConsumer:
         """Commit the offsets ``commit`` collected, of the partitions still ours. ``quietly``
         (from a rebalance callback, or closing): a failure is logged, not raised; the
         partitions' next owner answers those requests again."""
-        owned = self.assigned()
+        owned = self._held
         offsets = [TopicPartition(self.topic, p, offset, leader_epoch=epoch)
                    for p, (offset, epoch) in sorted(self._held_back.items()) if p in owned]
         self._held_back = {}
