@@ -20,19 +20,25 @@ from typing import Any
 
 # (stage, regex on one frame "function (file:line)"); the innermost frame that matches wins.
 STAGES = [
-    ("image decode (imaging.decode, Pillow)", r"^decode \(fmnist/imaging\.py|^_decode \(fmnist/worker"),
+    ("image decode (imaging.decode_many, the PNG fast path, Pillow)", r"\(fmnist/imaging/"),
+    ("OIP bodies (parse the tensor, build the answer)", r"\(fmnist/serving/oip\.py"),
     ("request header parsing", r"^parse_request \("),
     ("inference (dispatching the compiled forward pass, collecting its results)",
      r"^Predictor\.(probabilities|start)|^compile_forward|tensorflow/|jax/"),
-    ("top-k + response JSON", r"^Predictor\.describe|^rank_many|^response \(fmnist/protocol|^dead_letter"),
+    ("top-k + response JSON", r"^Predictor\.describe|^rank_many|^response \(fmnist/serving/"
+                              r"protocol|^dead_letter|^PredictionHandler\._answers"),
+    ("crash journal (serve.journal_dir)", r"\(fmnist/serving/crashes\.py"),
     ("publish: send (serialise, queue)", r"^KafkaTopicProducer\.send|^PublisherClient\.publish"),
     ("publish: wait for confirmation", r"^KafkaConfirmation\.wait|^Future\.result|"
                                        r"^KafkaTopicProducer\.publish|^PubsubProducer\.publish"),
-    ("commit / ack", r"^KafkaTopicConsumer\.commit|^PubsubConsumer\.commit|^PubsubConsumer\._settle"),
-    ("consume: poll, fetch, decode records", r"^KafkaTopicConsumer\.next_batch|"
+    ("commit / ack", r"^KafkaTopicConsumer\.(commit|_commit)|^PubsubConsumer\.commit|"
+                     r"^PubsubConsumer\._settle"),
+    ("consume: poll, fetch, decode records", r"^KafkaTopicConsumer\.(next_batch|_message)|"
                                              r"^PubsubConsumer\.next_batch"),
     ("Pub/Sub client threads (gRPC stream, leases, callbacks)", r"google/|grpc/"),
-    ("worker loop (assembling batches and answers, stats, metrics)", r"^Worker\.|fmnist/metrics|prometheus"),
+    ("metrics and stats (per batch)", r"fmnist/serving/metrics|prometheus|^Stats\."),
+    ("worker loop (assembling batches and answers)", r"^Worker\.|^Pipeline\.|"
+                                                     r"^PredictionHandler\."),
 ]
 _COMPILED = [(name, re.compile(rx)) for name, rx in STAGES]
 
