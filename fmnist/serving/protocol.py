@@ -73,9 +73,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per request: see brokers.base.Message
 class Request:
-    """What the worker knows about one received message after validating its metadata."""
+    """What the worker knows about one received message after validating its metadata; not
+    changed once made."""
 
     message: Message
     request_id: str
