@@ -139,7 +139,7 @@ class KafkaConfig:
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     compression: str = ""
-    linger_ms: int = 1
+    linger_ms: int = 0
     fetch_max_wait_ms: int = 5
     # librdkafka's group.instance.id: "" = dynamic membership; a stable id per worker makes it
     # a static member (docs/reliability.md#rebalances); two live workers must never share one.
@@ -163,7 +163,7 @@ class PubsubConfig:
 class ServeConfig:
     broker: str = "kafka"
     max_batch_size: int = 256
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     commit_every_ms: float = 100.0
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"

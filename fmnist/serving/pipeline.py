@@ -124,7 +124,9 @@ class Pipeline:
             min(IDLE_POLL_S, max(0.0, self._commit_due - time.monotonic()))
         messages = consumer.next_batch(max_batch, timeout_s=0.0 if busy else idle_s)
         if messages:
-            # The first request is here; wait at most max_wait_ms for the batch to fill.
+            # A batch is what had arrived when the first request was taken: waiting for more
+            # would only delay it, as more arrive while it is handled (serve.max_wait_ms 0;
+            # docs/decisions.md#no-idle-waiting). A positive max_wait_ms waits that long to fill.
             deadline = time.monotonic() + self.cfg.serve.max_wait_ms / 1000
             while len(messages) < max_batch and (left := deadline - time.monotonic()) > 0:
                 more = consumer.next_batch(max_batch - len(messages), timeout_s=left)
