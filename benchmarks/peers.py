@@ -32,7 +32,7 @@ Inference Protocol [1, 28, 28] UINT8 tensor (JSON), sent by benchmarks/loadgen.p
 headers (fmnist's plus ``mlserver-model``). Per system and round: wait until it answers, warm
 up, one saturation burst (answers/s, each process's CPU over it, and for fmnist its serve
 loop's thread and its batch sizes), then open-loop latency at each ``--rates`` for
-``--seconds``; a rate over twice the system's burst answers/s in that round is not offered
+``--seconds``; a rate over 1.5 times the system's burst answers/s in that round is not offered
 (it would only queue), nor any to the echoes.
 Rounds alternate the order of the systems; every figure is the median of ``--rounds``. Writes
 benchmarks/results/peers/<timestamp>.json (with the command) and .md, and prints the markdown
@@ -388,7 +388,7 @@ def measure(system: str, args: argparse.Namespace, bootstrap: str, broker_pid: i
         capacity = sat.get("answered_per_s") or 0.0
         result["rates"] = {f"{rate:g}": gen.paced(rate, args.seconds)
                            for rate in sorted(args.rates)
-                           if not system.startswith("echo") and rate <= 2 * capacity}
+                           if not system.startswith("echo") and rate <= 1.5 * capacity}
         result["rss_peak_mb"] = rss_peak_mb(tree(proc.proc.pid))
         result["duplicates"] = gen.duplicates
     finally:
