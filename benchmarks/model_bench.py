@@ -7,7 +7,8 @@ Run by bench.py in its own process (so the orchestrator never imports TensorFlow
 * images/s by batch size through ``Predictor.probabilities`` (the compiled forward pass the
   worker calls, never ``model.predict``), on real decoded images from Images/;
 * single-image latency (one image, one forward pass): median and p99;
-* the other per-request CPU costs of the worker, in microseconds: PNG decode, request-header
+* the other per-request CPU costs of the worker, in microseconds: PNG decode (one at a time, and
+  per image of a 256-image ``decode_many``), an OIP [1, 28, 28] body's parse, request-header
   parsing, ``describe`` (top-k) and the JSON response encoding.
 """
 
@@ -44,9 +45,13 @@ def request_costs(predictor, cfg) -> dict[str, float]:
     """What a worker spends per request outside the forward pass (one core, microseconds)."""
     from fmnist import imaging
     from fmnist.brokers.base import Message
-    from fmnist.serving import protocol
+    from fmnist.serving import oip, protocol
 
     payloads = pngs()
+    many = payloads * (256 // len(payloads))  # a batch, as the worker decodes it
+    pixels = np.rint(imaging.decode(payloads[0], cfg.imaging)).astype(int).ravel().tolist()
+    oip_body = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8",
+                                       "data": pixels}]}).encode()
     model = {"name": predictor.name, "version": predictor.version}
     messages = [Message(value=p, headers=protocol.request_headers(protocol.new_request_id(),
                                                                   "image/png"),
@@ -59,6 +64,10 @@ def request_costs(predictor, cfg) -> dict[str, float]:
     n = len(payloads)
     return {
         "decode_png": per_call_us(lambda i: imaging.decode(payloads[i % n], cfg.imaging), 400),
+        # per image of a batch through decode_many (docs/decisions.md#batch-decode)
+        "decode_many_png": per_call_us(lambda i: imaging.decode_many(many, cfg.imaging), 5)
+        / len(many),
+        "oip_parse": per_call_us(lambda i: oip.parse(oip_body), 400),
         "parse_request": per_call_us(lambda i: protocol.parse_request(messages[i % n], "res"), 2000),
         # the worker ranks a whole batch at once (describe_many): per answer, batches of 256
         "describe": per_call_us(lambda i: predictor.describe_many(batch), 20) / len(batch),
