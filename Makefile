@@ -41,7 +41,7 @@ brokers-status:
 bench:            ## the benchmark suite (BENCHMARKS.md)
 	scripts/setup && .venv/bin/python benchmarks/bench.py
 
-bench-peers:      ## fmnist against MLServer's Kafka mode and a naive worker (builds .venvs/mlserver)
+bench-peers:      ## fmnist against MLServer's Kafka mode, a naive worker and the echo (builds .venvs/mlserver)
 	scripts/setup && .venv/bin/python benchmarks/peers.py
 
 lint:            ## ruff on everything, mypy on the package
