@@ -93,33 +93,11 @@ def python_of(venv: str) -> str:
     return sys.executable if venv == "main" else str(VENVS[venv] / "bin" / "python")
 
 
-def installed(python: Path, names: list[str]) -> dict[str, str]:
-    if not python.exists():
-        return {}
-    code = ("import importlib.metadata as m, json, sys\n"
-            "out = {}\n"
-            "for n in sys.argv[1:]:\n"
-            "    try: out[n] = m.version(n)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))")
-    done = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True,
-                          timeout=120, check=True)
-    return dict(json.loads(done.stdout))
-
-
 def ensure_venv(name: str) -> dict[str, str]:
-    """.venvs/<name> with ``PINS[name]``, built or brought to the pins only when they differ."""
-    venv, pins = VENVS[name], PINS[name]
-    python = venv / "bin" / "python"
-    wanted = dict(p.split("==") for p in pins)
-    if installed(python, list(wanted)) != wanted:
-        log(f"installing {', '.join(pins)} into {venv.relative_to(ROOT)}")
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-                           check=True, timeout=600)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True, timeout=1800)
-    return installed(python, list(wanted))
+    """.venvs/<name> at ``PINS[name]`` (benchmarks/venvs.py)."""
+    import venvs  # beside this script; standard library only
+
+    return venvs.ensure(VENVS[name], PINS[name], log)
 
 
 def keras_export(weights: Path) -> dict[str, Any]:

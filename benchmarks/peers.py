@@ -55,6 +55,7 @@ from typing import Any
 
 import common
 import numpy as np
+import venvs
 from common import PYTHON, ROOT, machine, training_running
 from loadgen import LoadGen, Payload
 from peers_report import answer_label, headline, markdown, order, ratios, summarize
@@ -145,42 +146,9 @@ def pins() -> list[str]:
     return [*MLSERVER_PINS, *(f"{name}=={constraints[name]}" for name in SHARED_PINS)]
 
 
-VERSIONS = """
-import json, sys
-from importlib import metadata
-found = {}
-for name in sys.argv[1:]:
-    try:
-        found[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-        pass
-print(json.dumps(found))
-"""
-
-
-def installed(python: Path, names: list[str]) -> dict[str, str]:
-    """The versions of ``names`` installed for ``python`` (those that are)."""
-    if not python.exists():
-        return {}
-    done = subprocess.run([str(python), "-c", VERSIONS, *names], capture_output=True, text=True,
-                          timeout=60)
-    return json.loads(done.stdout) if done.returncode == 0 else {}
-
-
 def ensure_venv() -> dict[str, str]:
-    """.venvs/mlserver with ``pins()`` installed; built or brought to the pins only when they
-    differ. Returns the versions that matter for the figures."""
-    python = VENV / "bin" / "python"
-    wanted = dict(p.split("==") for p in pins())
-    if installed(python, list(wanted)) != wanted:
-        log(f"installing {', '.join(pins())} into {VENV.relative_to(ROOT)}")
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-                           check=True, timeout=600)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins()], check=True,
-                       timeout=1800)
-    return installed(python, [*wanted, "aiokafka", "fastapi", "pydantic"])
+    """.venvs/mlserver at ``pins()``; the versions that matter for the figures."""
+    return venvs.ensure(VENV, pins(), log, report=["aiokafka", "fastapi", "pydantic"])
 
 
 # -- the request -------------------------------------------------------------------------------
