@@ -159,13 +159,8 @@ class PredictionHandler:
                     try:
                         decoded[i] = imaging.decode(requests[i].message.value,
                                                     self.cfg.imaging)[None]
-                    except ImageError as exc:
-                        errors[i] = protocol.RequestError(exc.code, exc.message)
                     except Exception as exc:
-                        log.exception("unexpected decode failure",
-                                      extra={"request_id": requests[i].request_id})
-                        errors[i] = protocol.RequestError("internal_error",
-                                                          f"decode failed: {exc}")
+                        errors[i] = _decode_error(requests[i], exc)
         rows: list[np.ndarray] = []
         spans: dict[int, tuple[int, int, str | None]] = {}
         n_rows = 0
@@ -176,13 +171,8 @@ class PredictionHandler:
             if is_oip[i]:
                 try:
                     oip_id, pixels = self._oip_tensor(request)
-                except protocol.RequestError as exc:
-                    errors[i] = exc
-                    continue
-                except Exception as exc:  # a parser bug must not take the batch down
-                    log.exception("unexpected decode failure",
-                                  extra={"request_id": request.request_id})
-                    errors[i] = protocol.RequestError("internal_error", f"decode failed: {exc}")
+                except Exception as exc:
+                    errors[i] = _decode_error(request, exc)
                     continue
             elif i in decoded:
                 pixels = decoded[i]
@@ -284,6 +274,18 @@ class PredictionHandler:
                 "payload_too_large", f"{len(payload):,} bytes is over the limit of "
                 f"{self.cfg.imaging.max_payload_bytes:,} (imaging.max_payload_bytes)")
         return oip.parse(payload)
+
+
+def _decode_error(request: protocol.Request, exc: Exception) -> protocol.RequestError:
+    """What a request whose decode raised ``exc`` is answered with: the client's error for a
+    bad payload, ``internal_error`` (logged) for a bug, which must not take the batch down."""
+    if isinstance(exc, protocol.RequestError):
+        return exc
+    if isinstance(exc, ImageError):
+        return protocol.RequestError(exc.code, exc.message)
+    log.exception("unexpected decode failure", extra={"request_id": request.request_id},
+                  exc_info=exc)
+    return protocol.RequestError("internal_error", f"decode failed: {exc}")
 
 
 def _inference_failed(exc: Exception, n_rows: int, spans: dict[int, tuple[int, int, str | None]],
