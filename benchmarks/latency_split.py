@@ -59,7 +59,8 @@ def run(args: argparse.Namespace, kafka: OwnKafka, workdir: Path) -> None:
         pids = {"worker": worker.proc.pid, "broker": broker_pid, "loadgen": os.getpid()}
         before = {k: common.cpu_seconds(p) for k, p in pids.items() if p}
         started_cpu = time.monotonic()
-        rids, scheduled = send(gen, args.rate, args.seconds)
+        phase = gen.send_paced(args.rate, args.seconds)
+        rids, scheduled = phase.rids, phase.scheduled
         gen.wait_for(rids, 30)
         wall = time.monotonic() - started_cpu
         cores = {k: round((common.cpu_seconds(p) - before[k]) / wall, 2)
@@ -68,22 +69,6 @@ def run(args: argparse.Namespace, kafka: OwnKafka, workdir: Path) -> None:
     finally:
         worker.stop()
         gen.close()
-
-
-def send(gen: LoadGen, rate: float, seconds: float) -> tuple[list[str], list[float]]:
-    """Open loop, as ``LoadGen.paced``: request i leaves at start + i / rate."""
-    count = int(rate * seconds)
-    start = time.time() + 0.05
-    scheduled = [start + i / rate for i in range(count)]
-    rids: list[str] = []
-    while len(rids) < count:
-        now = time.time()
-        due = min(count, int((now - start) * rate) + 1) if now >= start else 0
-        if due > len(rids):
-            rids += gen.send(due - len(rids))
-        else:
-            time.sleep(max(0.0, min(scheduled[len(rids)] - time.time(), 0.005)))
-    return rids, scheduled
 
 
 def report(gen: LoadGen, rids: list[str], scheduled: list[float], args: argparse.Namespace,

@@ -166,7 +166,7 @@ class LoadGen:
             out["steady_answered_per_s"] = (answered * 9 // 10 - answered // 10) / max(hi - lo, 1e-9)
         return out
 
-    def paced(self, rate: float, seconds: float, drain_s: float = 10.0) -> dict[str, Any]:
+    def send_paced(self, rate: float, seconds: float) -> Phase:
         """Open loop: request i leaves at start + i/rate, whatever happened to the others."""
         count = max(1, int(rate * seconds))
         started = time.time() + 0.05
@@ -179,7 +179,13 @@ class LoadGen:
                 rids += self.send(due - len(rids))
             else:
                 time.sleep(max(0.0, min(scheduled[len(rids)] - time.time(), 0.005)))
-        lag = time.time() - scheduled[-1]
+        return Phase(rids, scheduled, started, time.time())
+
+    def paced(self, rate: float, seconds: float, drain_s: float = 10.0) -> dict[str, Any]:
+        """``send_paced``, then latency from each request's scheduled time to its answer."""
+        phase = self.send_paced(rate, seconds)
+        rids, scheduled, started, count = phase.rids, phase.scheduled, phase.started, len(phase.rids)
+        lag = phase.published - scheduled[-1]
         self.wait_for(rids, drain_s + seconds * 0.5)
         latencies, last = [], started
         for rid, at in zip(rids, scheduled, strict=True):
