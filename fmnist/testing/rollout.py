@@ -55,12 +55,17 @@ class Fleet:
         return stored
 
     def promote(self, ref: str) -> float:
+        """Promote ``ref``; returns when it was asked (time.time() before the call): a worker
+        may refuse or switch before the call returns, and its announcement must count."""
+        asked = time.time()
         ops.promote(self.cfg, self.run.broker, self.store, ref)
-        return time.time()
+        return asked
 
     def rollback(self) -> float:
+        """Roll back; returns when it was asked, as ``promote``."""
+        asked = time.time()
         ops.rollback(self.cfg, self.run.broker, self.store, self.cfg.model.name)
-        return time.time()
+        return asked
 
     def start_workers(self, n: int, **env: str) -> list[WorkerProcess]:
         started = []
