@@ -174,6 +174,7 @@ def test_train_job_streams_progress_returns_its_model_and_can_be_watched_again(
 
     job_id = result["job_id"]
     # published to the model store, with the job in its lineage; promoting stays a decision
+    assert result["published"], (result.get("publish_error"), jobs.workers[-1].output()[-3000:])
     assert result["published"]["ref"] == f"remote@{result['model']['version']}", result
     shown = jobs.fmnist("models", "show", result["published"]["ref"], "--broker",
                         jobs.broker_name, "--json")

@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from fmnist.brokers.kafka import settings
+from fmnist.brokers.kafka import errors, settings
 from fmnist.brokers.kafka.broker import KafkaBroker
 from fmnist.errors import BrokerError, BrokerTimeout
 
@@ -68,18 +68,14 @@ def read(broker: KafkaBroker, topic: str, first: int | None = None, last: int | 
     the end as it is now), in order."""
     consumer = Consumer({**broker.client_config(),
                          **settings.consumer_config(broker.cfg.kafka, None)})
+    deadline = time.monotonic() + timeout_s
     try:
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0),
-                                                       timeout=timeout_s)
-        except KafkaException as exc:
-            raise broker.error(f"read {topic}", exc) from None
+        low, high = _watermarks(broker, consumer, topic, deadline)
         end = int(high) if last is None else min(int(high), last + 1)
         start = int(low) if first is None else max(first, int(low))
         if end <= start:
             return
         consumer.assign([TopicPartition(topic, 0, start if start > 0 else OFFSET_BEGINNING)])
-        deadline = time.monotonic() + timeout_s
         while True:
             msg = consumer.poll(0.5)
             if msg is None:
@@ -96,3 +92,19 @@ def read(broker: KafkaBroker, topic: str, first: int | None = None, last: int | 
                 return
     finally:
         consumer.close()
+
+
+def _watermarks(broker: KafkaBroker, consumer: Consumer, topic: str, deadline: float
+                ) -> tuple[int, int]:
+    """Partition 0's low and high watermarks. A topic created a moment ago may still answer
+    NOT_LEADER_FOR_PARTITION to a fresh client (``errors.SETTLING``) after the admin client saw
+    its leader; that is asked again until ``deadline``."""
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, 0), timeout=max(deadline - time.monotonic(), 0.1))
+            return int(low), int(high)
+        except KafkaException as exc:
+            if errors.code_of(exc) not in errors.SETTLING or time.monotonic() >= deadline:
+                raise broker.error(f"read {topic}", exc) from None
+        time.sleep(0.1)
