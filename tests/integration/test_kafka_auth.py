@@ -205,13 +205,14 @@ def test_no_password_in_logs_config_answers_or_dead_letters(secure: Secure) -> N
         published: list[str] = []
         dead: list[str] = []
 
-        def dead_lettered() -> bool:
+        def answered_and_dead_lettered() -> bool:  # the two are published independently
             for reader, into in ((letters, dead), (answers, published)):
                 for m in reader.next_batch(100, 0.2):
                     into.append(m.value.decode("utf-8", "replace") + json.dumps(m.headers))
-            return any(rid in text for text in dead)
+            return all(any(rid in text for text in seen) for seen in (dead, published))
 
-        poll_until(dead_lettered, 40, message=f"the dead letter of {rid}")
+        poll_until(answered_and_dead_lettered, 40,
+                   message=f"the error answer and the dead letter of {rid}")
     finally:
         admin.close()
     for user in USERS:
