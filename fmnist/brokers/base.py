@@ -118,7 +118,7 @@ class Broker(Protocol):
         ``max_hold_s``: how long a live member may hold a message it has not committed before
         the broker gives it to another member (Kafka's ``max.poll.interval.ms``, Pub/Sub's
         maximum lease); None keeps the adapter's default (minutes). A job worker holds its job
-        for as long as the job runs.
+        for as long as the job runs; on Pub/Sub such a member pulls only when it has room.
         """
 
     def producer(self) -> Producer: ...

@@ -353,7 +353,9 @@ def test_two_job_workers_run_each_job_once(jobs: JobsSetup, events_broker: Broke
         ids.append(json.loads(run.stdout)["job_id"])
     for job_id in ids:
         events = wait_for_result(events_broker, jobs, job_id)
-        assert [e["type"] for e in events].count("started") == 1
+        seen = [(e["type"], e.get("worker_id"), round(e["time"] % 1000, 2)) for e in events]
+        assert [e["type"] for e in events].count("started") == 1, (
+            seen, [w.output()[-1500:] for w in jobs.workers])
         assert [e["type"] for e in events].count("result") == 1
         assert events[-1]["status"] == "succeeded"
     assert all(w.alive() for w in jobs.workers)

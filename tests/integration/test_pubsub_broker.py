@@ -17,7 +17,8 @@ import time
 import pytest
 
 from fmnist import config
-from fmnist.brokers.base import Message, OutMessage
+from fmnist.brokers import connect
+from fmnist.brokers.base import Consumer, Message, OutMessage
 from fmnist.brokers.pubsub import PubsubBroker
 from fmnist.errors import BrokerError, ConfigError
 from fmnist.testing.waiting import poll_until
@@ -246,3 +247,84 @@ def cfg_topics(cfg: config.Config) -> list[str]:
             request={"project": f"projects/{cfg.pubsub.project_id}"}, timeout=10)]
     finally:
         broker.close()
+
+
+
+HOLD_S = 3600.0  # a job worker's max_hold_s: long enough never to matter here
+
+
+def holders(pubsub: PubsubBroker, topic: str, group: str, n: int = 2) -> list[Consumer]:
+    """Members of one group that each hold one message at a time, for long (job workers)."""
+    return [pubsub.consumer(topic, group=group, max_in_flight=1, max_hold_s=HOLD_S)
+            for _ in range(n)]
+
+
+def first_taker(consumers: list[Consumer], timeout: float = 20) -> tuple[int, list[Message]]:
+    """Which of ``consumers`` got the next message, and that message."""
+    found: list[tuple[int, list[Message]]] = []
+
+    def took() -> bool:
+        for i, consumer in enumerate(consumers):
+            if got := consumer.next_batch(1, 0.2):
+                found.append((i, got))
+                return True
+        return False
+
+    poll_until(took, timeout, message="a message")
+    return found[0]
+
+
+def test_a_busy_holder_leaves_the_next_message_to_an_idle_member(pubsub: PubsubBroker) -> None:
+    """A job worker busy with one job does not also take the next while another is idle."""
+    topic = unique("jobs")
+    pubsub.ensure_topics([topic])
+    members = holders(pubsub, topic, unique("g"))
+    producer = pubsub.producer()
+    producer.publish([OutMessage(topic, b"one")], timeout_s=10)
+    busy, held = first_taker(members)
+    idle = members[1 - busy]
+    producer.publish([OutMessage(topic, b"two")], timeout_s=10)
+    started = time.monotonic()
+    got = drain(idle, 1, timeout=10)
+    waited = time.monotonic() - started
+    print(f"\nthe idle member got the next message after {waited:.2f} s")
+    assert [m.value for m in got] == [b"two"] and waited < 5
+    assert members[busy].next_batch(1, 0.5) == []  # no room: it holds one already
+    members[busy].commit(held)
+    idle.commit(got)
+
+
+def test_a_held_message_stays_leased_past_its_ack_deadline() -> None:
+    """Held for over twice the subscription's ack deadline (10 s, the least Pub/Sub allows),
+    nobody else receives it; once committed it never comes back."""
+    b = connect("pubsub", config.load(flags={"pubsub.ack_deadline_s": 10}))
+    try:
+        topic = unique("jobs")
+        b.ensure_topics([topic])
+        members = holders(b, topic, unique("g"))  # type: ignore[arg-type]
+        b.producer().publish([OutMessage(topic, b"long job")], timeout_s=10)
+        holder, held = first_taker(members)
+        other = members[1 - holder]
+        until = time.monotonic() + 22
+        while time.monotonic() < until:
+            assert other.next_batch(1, 0.5) == [], "delivered again while held"
+        members[holder].commit(held)
+        assert drain(other, 1, timeout=12) == []
+    finally:
+        b.close()
+
+
+def test_closing_a_holder_gives_its_message_back_at_once(pubsub: PubsubBroker) -> None:
+    topic, group = unique("jobs"), unique("g")
+    pubsub.ensure_topics([topic])
+    [first] = holders(pubsub, topic, group, 1)
+    pubsub.producer().publish([OutMessage(topic, b"job")], timeout_s=10)
+    got = drain(first, 1)
+    assert [m.value for m in got] == [b"job"]
+    first.close()  # a worker that stops mid-job
+    [successor] = holders(pubsub, topic, group, 1)
+    started = time.monotonic()
+    again = drain(successor, 1, timeout=5)
+    assert [m.source_id for m in again] == [got[0].source_id]
+    assert time.monotonic() - started < 5
+    successor.commit(again)

@@ -21,6 +21,7 @@ from fmnist.brokers.base import Consumer
 from fmnist.brokers.pubsub import settings
 from fmnist.brokers.pubsub.consumer import PubsubConsumer
 from fmnist.brokers.pubsub.producer import PubsubProducer
+from fmnist.brokers.pubsub.puller import PubsubPuller
 from fmnist.config import Config
 from fmnist.errors import BrokerError, ConfigError
 
@@ -45,7 +46,7 @@ class PubsubBroker:
         self._lock = threading.Lock()
         self._publisher: Any = None
         self._subscriber: Any = None
-        self._consumers: list[PubsubConsumer] = []
+        self._consumers: list[PubsubConsumer | PubsubPuller] = []
 
     # -- names and clients -------------------------------------------------------------------
 
@@ -164,8 +165,9 @@ class PubsubBroker:
 
     def consumer(self, topic: str, group: str | None = None, from_beginning: bool = False,
                  max_in_flight: int = 1000, max_hold_s: float | None = None
-                 ) -> PubsubConsumer:
-        """A streaming-pull consumer of ``topic``.
+                 ) -> PubsubConsumer | PubsubPuller:
+        """A streaming-pull consumer of ``topic``; with ``max_hold_s`` and a ``group``, one that
+        pulls only when it has room (``PubsubPuller``, docs/decisions.md#pubsub-jobs-pull).
 
         ``group``: the id (or full path) of the subscription to read, shared by every consumer
         that names it; created on ``topic`` if missing (ack deadline ``pubsub.ack_deadline_s``).
@@ -176,8 +178,8 @@ class PubsubBroker:
 
         ``max_in_flight``: how many received, not yet committed messages this consumer may hold
         (Pub/Sub flow control); the server waits with more until some are settled.
-        ``max_hold_s``: how long the client library keeps extending a held message's lease
-        (its own default is an hour).
+        ``max_hold_s``: how long a held message's lease is extended; such consumers hold each
+        message long (a job) and pull the next only once they have room.
         """
         if group is None:
             base = topic.rsplit("/", 1)[-1][:200]
@@ -205,7 +207,11 @@ class PubsubBroker:
             raise BrokerError(f"Pub/Sub topic {topic} does not exist.",
                               "Create it first (`broker.create_topics: true` does that on "
                               "start).") from None
-        consumer = PubsubConsumer(self, topic, path, private, max_in_flight, max_hold_s)
+        consumer: PubsubConsumer | PubsubPuller
+        if max_hold_s is not None and not private:
+            consumer = PubsubPuller(self, topic, path, max_in_flight, max_hold_s)
+        else:
+            consumer = PubsubConsumer(self, topic, path, private, max_in_flight, max_hold_s)
         with self._lock:
             self._consumers = [c for c in self._consumers if not c.closed] + [consumer]
         return consumer
