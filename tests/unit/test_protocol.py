@@ -9,7 +9,7 @@ import pytest
 
 from fmnist.brokers.base import Message
 from fmnist.data import CLASS_NAMES
-from fmnist.model.predictor import Prediction, rank, rank_many
+from fmnist.model.predictor import Prediction, rank, rank_many, round6
 from fmnist.serving import protocol
 
 MODEL = {"name": "fmnist", "version": "abc123"}
@@ -106,3 +106,13 @@ def test_a_response_is_utf8_json_whatever_the_message_says(monkeypatch: pytest.M
     body = json.loads(out.value.decode("utf-8"))
     assert body["error"] == {"code": "undecodable_image", "message": error.message}
     assert body["worker_id"] == "wörker"
+
+
+def test_round6_is_pythons_round_near_ties_too() -> None:
+    rng = np.random.default_rng(7)
+    ties = (np.arange(2000) + 0.5) / 1e6  # within float error of a tie at the 6th decimal
+    values = np.concatenate([
+        rng.random(200_000).astype(np.float32).astype(np.float64), rng.random(50_000),
+        ties, np.nextafter(ties, 0), np.nextafter(ties, 1), [0.0, 1.0, 1e-7, 0.9999995]])
+    got = round6(values.reshape(-1, 1))
+    assert [row[0] for row in got] == [round(float(v), 6) for v in values]
