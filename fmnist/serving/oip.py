@@ -9,6 +9,7 @@ the same dead-lettering as any bad request.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,11 @@ MAX_ROWS = 256
 
 
 def is_oip(content_type: str, payload: bytes) -> bool:
+    return _oip_type(content_type)
+
+
+@functools.lru_cache(maxsize=256)  # asked per request; a worker sees a handful of types
+def _oip_type(content_type: str) -> bool:
     return content_type.split(";")[0].strip().lower() in CONTENT_TYPES
 
 
