@@ -109,10 +109,9 @@ def _image_data(payload: bytes) -> tuple[tuple[int, int], bytes] | None:
     view = memoryview(payload)
     # The layout encoders write for a small image, IHDR + one IDAT + IEND: its two CRCs checked
     # without the walk below, which gives the same answer later (docs/decisions.md#fast-png-path)
-    size = len(payload)
     if payload[37:41] == b"IDAT" and payload.endswith(_IEND):
         end = 41 + int.from_bytes(payload[33:37], "big")
-        if end + 16 == size:
+        if end + 16 == len(payload):
             sound = zlib.crc32(view[12:29]) == _CRC.unpack_from(payload, 29)[0] and \
                 zlib.crc32(view[37:end]) == _CRC.unpack_from(payload, end)[0]
             return ((width, height), payload[41:end]) if sound else None

@@ -147,7 +147,7 @@ class PubsubConsumer:
         if self.private:
             for raw in taken:
                 raw.ack()
-        return [self._convert(raw, now) for raw in taken]
+        return [message_of(raw, raw, self.topic, now) for raw in taken]
 
     def _raise_if_broken(self) -> None:
         if self._gone and not self.closed:
@@ -162,13 +162,6 @@ class PubsubConsumer:
                               "It was deleted while we read it; start the consumer again.")
         raise self.broker.error(f"pull from {self.subscription}",
                                 exc or RuntimeError("the stream stopped"))
-
-    def _convert(self, raw: Any, now: float) -> Message:
-        published = raw.publish_time
-        return Message(value=bytes(raw.data), headers=dict(raw.attributes),
-                       key=raw.ordering_key or None, topic=self.topic, source_id=raw.message_id,
-                       broker_time_ms=int(published.timestamp() * 1000) if published else None,
-                       received_at=now, handle=raw)
 
     def commit(self, messages: list[Message]) -> None:
         """Acknowledge, and wait (bounded) until Pub/Sub has taken the acks."""
@@ -248,3 +241,13 @@ class PubsubConsumer:
             log.warning("could not %s on close (%s)", "delete Pub/Sub subscription "
                         f"{self.subscription}; it expires unused after a day" if self.private
                         else f"give back {len(unsettled)} message(s)", exc)
+
+
+def message_of(raw: Any, handle: Any, topic: str, now: float) -> Message:
+    """Ours, of a Pub/Sub message: the streaming pull's (``handle`` is the message itself) or a
+    unary Pull's (``handle`` is its ack id); both have the fields read here."""
+    published = raw.publish_time
+    return Message(value=bytes(raw.data), headers=dict(raw.attributes),
+                   key=raw.ordering_key or None, topic=topic, source_id=raw.message_id,
+                   broker_time_ms=int(published.timestamp() * 1000) if published else None,
+                   received_at=now, handle=handle)

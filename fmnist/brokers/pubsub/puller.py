@@ -18,6 +18,7 @@ from google.api_core import exceptions as gexc
 
 from fmnist.brokers.base import Message
 from fmnist.brokers.pubsub import settings
+from fmnist.brokers.pubsub.consumer import message_of
 from fmnist.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class PubsubPuller:
         now, pulled = time.time(), time.monotonic()
         with self._lock:
             self._held.update((r.ack_id, pulled) for r in received)
-        return [_convert(r, self.topic, now) for r in received]
+        return [message_of(r.message, r.ack_id, self.topic, now) for r in received]
 
     def _pull(self, room: int, deadline: float) -> list[Any]:
         try:
@@ -145,11 +146,3 @@ class PubsubPuller:
             except BrokerError as exc:
                 log.warning("could not give back %d message(s): %s", len(held), exc.message)
 
-
-def _convert(received: Any, topic: str, now: float) -> Message:
-    raw = received.message
-    published = raw.publish_time
-    return Message(value=bytes(raw.data), headers=dict(raw.attributes), key=raw.ordering_key or None,
-                   topic=topic, source_id=raw.message_id,
-                   broker_time_ms=int(published.timestamp() * 1000) if published else None,
-                   received_at=now, handle=received.ack_id)
